@@ -1,0 +1,13 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from medtune.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def push(config: str, run_id: str, adapter: Input[Model], decision: Input[Artifact], hub_push: Output[Artifact]):
+    """Push the adapter to the Hugging Face Hub when a token is configured; otherwise record why not."""
+    from medtune import steps
+
+    result = steps.push(config, run_id, adapter.path, decision.path, hub_push.path)
+    hub_push.metadata.update(result)

@@ -1,0 +1,15 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Output
+
+from medtune.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def validate_data(config: str, run_id: str, data: Output[Dataset], quarantine: Output[Dataset],
+                  validation: Output[Artifact]):
+    """Ingest the configured source and run the Great Expectations suite; stop on a blocking failure."""
+    from medtune import steps
+
+    summary = steps.validate_data(config, run_id, data.path, quarantine.path, validation.path)
+    data.metadata.update(rows=summary["rows_kept"])
+    quarantine.metadata.update(rows=summary["rows_quarantined"], by_rule=summary["quarantined_by_rule"])

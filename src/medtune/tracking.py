@@ -1,0 +1,142 @@
+"""MLflow plumbing: a local tracking server for `medtune run`, one parent run per pipeline run, and a
+nested run per step, so one run page answers what data, code and config produced a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+
+from medtune import __version__, images
+from medtune.config import Config
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
+    """A real MLflow server on loopback backed by SQLite in `state_dir`; reused if one already serves it.
+
+    Only a server this call started is stopped when it ends.
+    """
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state_file = state_dir / "server.json"
+    if state_file.exists():
+        uri = json.loads(state_file.read_text())["uri"]
+        if _healthy(uri):
+            yield uri
+            return
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (state_dir / "server.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
+         "--artifacts-destination", str(state_dir / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not _healthy(uri):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"MLflow server did not start; see {state_dir / 'server.log'}")
+            time.sleep(0.5)
+        state_file.write_text(json.dumps({"uri": uri, "pid": proc.pid}))
+        yield uri
+    finally:
+        state_file.unlink(missing_ok=True)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def code_version() -> str:
+    """The git commit of the code: from the image's build arg, else from the checkout, else unknown."""
+    if os.environ.get("MEDTUNE_GIT_SHA"):
+        return os.environ["MEDTUNE_GIT_SHA"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _connect(cfg: Config) -> None:
+    if cfg.tracking.tracking_uri:
+        mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return flat
+
+
+def open_run(cfg: Config, pipeline_run: str) -> str:
+    """Create the parent run that every step of this pipeline run logs under."""
+    _connect(cfg)
+    tags = {
+        "medtune.version": __version__,
+        "medtune.git_sha": code_version(),
+        "medtune.config_sha256": cfg.digest(),
+        "medtune.pipeline_run": pipeline_run,
+        "medtune.base_model": cfg.model.id,
+        "medtune.base_model_revision": cfg.model.revision,
+        "medtune.image.cpu": images.CPU_IMAGE,
+        "medtune.image.gpu": images.GPU_IMAGE,
+    }
+    with mlflow.start_run(run_name=f"{cfg.name}-{pipeline_run}", tags=tags) as run:
+        params = _flatten(cfg.model_dump(mode="json"))
+        # MLflow caps a batch at 100 params.
+        keys = sorted(params)
+        for i in range(0, len(keys), 100):
+            mlflow.log_params({k: params[k][:6000] for k in keys[i:i + 100]})
+        mlflow.log_dict(cfg.model_dump(mode="json"), "config/resolved.json")
+        return run.info.run_id
+
+
+@contextmanager
+def step(cfg: Config, parent_run_id: str, name: str) -> Iterator[mlflow.ActiveRun]:
+    """A nested run for one pipeline step under the parent run."""
+    _connect(cfg)
+    with mlflow.start_run(run_id=parent_run_id):
+        with mlflow.start_run(run_name=name, nested=True, tags={"medtune.step": name}) as child:
+            yield child
+
+
+def log_parent_metrics(parent_run_id: str, values: dict[str, float], prefix: str) -> None:
+    client = mlflow.MlflowClient()
+    for key, value in values.items():
+        client.log_metric(parent_run_id, f"{prefix}{key}", float(value))
