@@ -4,8 +4,6 @@ The function reads as the picture in the README; cluster placement (GPU pool for
 by `compile_pipeline` so the same DAG runs unchanged with kfp.local.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import NamedTuple
 
