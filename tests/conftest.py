@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random Llama with a real word-level tokenizer and chat template.
+
+Unit tests build the model from a config (no download), so every library step can run in seconds.
+The integration tests (marked slow) use the real SmolLM2 model instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtune import config as config_mod
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample" / "medqa_sample.jsonl"
+MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+SPECIALS = ["<pad>", "<unk>", "<s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def _vocabulary() -> list[str]:
+    words: set[str] = set()
+    for line in SAMPLE.read_text().splitlines():
+        row = json.loads(line)
+        words.update(re.findall(r"\w+|[^\w\s]", f"{row['question']} {row['answer']}".lower()))
+    words.update(re.findall(r"\w+|[^\w\s]", config_mod.PreprocessConfig().system_prompt.lower()))
+    return SPECIALS + sorted(words)
+
+
+def build_tiny_model(directory: Path) -> Path:
+    """Save a 2-layer random Llama and a word-level tokenizer (vocabulary of the sample data)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(_vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation()])
+    core.add_special_tokens(SPECIALS)  # keeps "<|user|>" whole instead of splitting its punctuation
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="<|end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["<|end|>"],
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def tiny_config_tree(model_dir: Path, data_path: Path = SAMPLE) -> dict:
+    """The local profile pointed at the tiny model and cut to a few steps."""
+    tree = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    tree["name"] = "tiny"
+    tree["data"]["path"] = str(data_path)
+    tree["model"] = {"id": str(model_dir), "source": "path"}
+    tree["train"].update(max_steps=4, batch_size=8, logging_steps=1, learning_rate=3e-3, warmup_ratio=0.0)
+    tree["eval"].update(max_rows=8, batch_size=4, max_new_tokens=8)
+    return tree
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir) -> config_mod.Config:
+    return config_mod.from_dict(tiny_config_tree(tiny_model_dir))
