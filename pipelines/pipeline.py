@@ -1,7 +1,9 @@
 """The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> (register, push).
 
-The function reads as the picture in the README; cluster placement (GPU pool for training) is applied
-by `compile_pipeline` so the same DAG runs unchanged with kfp.local.
+The pipeline function reads as the picture in the README; `place` then applies the profile's `cluster:`
+section (images, GPU pool, resources, model-cache PVC, Secrets, retries, timeouts, caching, display names)
+to each task. kfp.local ignores the Kubernetes settings and honours only the retry policies, so the same
+compiled YAML runs unchanged with `medtune run`.
 """
 
 from pathlib import Path
@@ -17,6 +19,26 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
 COMPILED = Path(__file__).resolve().parent / "medtune.yaml"
 
+DISPLAY_NAMES = {
+    "open_run": "Open MLflow run",
+    "validate_data": "Validate data",
+    "preprocess": "Preprocess and split",
+    "train": "Train LoRA/QLoRA adapter",
+    "evaluate": "Evaluate base vs candidate",
+    "gate": "Promotion gate",
+    "register": "Register model version",
+    "push": "Push adapter to the Hub",
+}
+# Tasks that log to MLflow (all of them) get its credentials; tasks that talk to the Hugging Face Hub
+# (dataset or model downloads, the push) get the token; tasks that load the base model mount the cache.
+HUB_TASKS = ("validate_data", "preprocess", "train", "evaluate", "push")
+MODEL_TASKS = ("preprocess", "train", "evaluate")
+# The images' user is medtune (HOME=/home/medtune, see images/): Hub downloads land in this folder,
+# which is the PVC's `huggingface/` sub-folder on model tasks.
+HF_CACHE = "/home/medtune/.cache/huggingface"
+HF_TOKEN_KEY = "token"
+MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
+
 
 class Outputs(NamedTuple):
     run_id: str
@@ -28,8 +50,6 @@ class Outputs(NamedTuple):
 
 
 def build(default_config: config_mod.Config):
-    cluster = default_config.cluster
-
     @dsl.pipeline(name="medtune", description="Gated LoRA/QLoRA fine-tuning for medical question answering.")
     def medtune(config: str = default_config.to_json()) -> Outputs:
         run = open_run(config=config, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
@@ -39,17 +59,17 @@ def build(default_config: config_mod.Config):
         trained = train(config=config, run_id=run_id, train_split=splits.outputs["train_split"],
                         validation_split=splits.outputs["validation_split"])
         scored = evaluate(config=config, run_id=run_id, test_split=splits.outputs["test_split"],
-                          adapter=trained.outputs["adapter"])
+                          validation_split=splits.outputs["validation_split"], adapter=trained.outputs["adapter"])
         verdict = gate(config=config, run_id=run_id, comparison=scored.outputs["comparison"],
                        history=trained.outputs["history"], predictions=scored.outputs["predictions"])
         with dsl.If(verdict.outputs["passed"] == True):  # noqa: E712 (KFP builds a condition from ==)
-            register(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
-                     decision=verdict.outputs["decision"])
-            push(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
-                 decision=verdict.outputs["decision"])
+            registered = register(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
+                                  decision=verdict.outputs["decision"])
+            pushed = push(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
+                          decision=verdict.outputs["decision"])
 
-        for task in (trained, scored):
-            on_gpu_pool(task, cluster)
+        place({"open_run": run, "validate_data": data, "preprocess": splits, "train": trained,
+               "evaluate": scored, "gate": verdict, "register": registered, "push": pushed}, default_config)
         return Outputs(run_id=run_id, passed=verdict.outputs["passed"], decision=verdict.outputs["decision"],
                        report=verdict.outputs["report"], adapter=trained.outputs["adapter"],
                        comparison=scored.outputs["comparison"])
@@ -57,14 +77,61 @@ def build(default_config: config_mod.Config):
     return medtune
 
 
+def place(tasks: dict, cfg: config_mod.Config) -> None:
+    """Apply the cluster settings of `cfg` to each task of the DAG (keyed by component name)."""
+    cluster = cfg.cluster
+    for name, task in tasks.items():
+        task.set_display_name(DISPLAY_NAMES[name])
+        task.set_caching_options(name in cluster.cached_tasks)
+        if name in cluster.retries:
+            policy = cluster.retries[name]
+            task.set_retry(num_retries=policy.retries, backoff_duration=f"{policy.backoff_s}s",
+                           backoff_factor=policy.backoff_factor, backoff_max_duration=f"{policy.backoff_max_s}s")
+        if name in cluster.timeouts_s:
+            kubernetes.set_timeout(task, cluster.timeouts_s[name])
+        if name in cluster.gpu_tasks and cluster.gpu_limit > 0:
+            on_gpu_pool(task, cluster)
+        else:
+            on_cpu_pool(task, cluster)
+        if cluster.mlflow_secret:
+            kubernetes.use_secret_as_env(task, secret_name=cluster.mlflow_secret,
+                                         secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
+        if cluster.hf_secret and name in HUB_TASKS:
+            kubernetes.use_secret_as_env(task, secret_name=cluster.hf_secret,
+                                         secret_key_to_env={HF_TOKEN_KEY: cfg.hub.token_env}, optional=True)
+        if name in MODEL_TASKS:
+            mount_model_cache(task, cluster.model_cache_pvc, cfg.model.cache_dir)
+
+
 def on_gpu_pool(task, cluster: config_mod.ClusterConfig) -> None:
-    """Ask for GPUs and tolerate the GPU pool's taint; kfp.local ignores these Kubernetes settings."""
-    if cluster.gpu_limit == 0:
-        return
-    task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(cluster.gpu_limit)
+    """The CUDA image, GPUs, CPU/memory, the GPU pool's node selector and a toleration for its taint."""
+    task.set_container_image(cluster.cuda_image)
+    task.set_accelerator_type(cluster.gpu_resource).set_accelerator_limit(cluster.gpu_limit)
+    set_resources(task, cluster.gpu_resources)
     for key, value in cluster.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     kubernetes.add_toleration(task, key=cluster.gpu_toleration_key, operator="Exists", effect="NoSchedule")
+
+
+def on_cpu_pool(task, cluster: config_mod.ClusterConfig) -> None:
+    """The CPU image and no toleration: a GPU pool tainted NoSchedule keeps these pods off its nodes."""
+    task.set_container_image(cluster.cpu_image)
+    set_resources(task, cluster.cpu_resources)
+    for key, value in cluster.cpu_node_selector.items():
+        kubernetes.add_node_selector(task, label_key=key, label_value=value)
+
+
+def set_resources(task, resources: config_mod.Resources) -> None:
+    task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
+    task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+
+
+def mount_model_cache(task, pvc: str, cache_dir: str) -> None:
+    """One PVC holds medtune's model cache (model.cache_dir) and the Hub's download cache."""
+    if not cache_dir.startswith("/"):
+        raise ValueError(f"model.cache_dir={cache_dir}: the cluster profile needs an absolute path (the PVC mount)")
+    kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=cache_dir)
+    kubernetes.mount_pvc(task, pvc_name=pvc, mount_path=HF_CACHE, sub_path="huggingface")
 
 
 def compile_pipeline(profile: Path = CLUSTER_PROFILE, output: Path = COMPILED) -> Path:

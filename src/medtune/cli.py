@@ -75,6 +75,60 @@ def compile_(profile: Path = typer.Option(None, help="Profile compiled in as the
     console.print(f"wrote {path}")
 
 
+CLUSTER_PROFILE = Path("configs/qwen2.5-0.5b-qlora.yaml")
+HostOpt = typer.Option(..., "--host", help="KFP endpoint, e.g. http://localhost:8080 (port-forward of "
+                       "svc/ml-pipeline-ui). A bearer token, if the endpoint needs one, is read from $KFP_TOKEN.")
+
+
+def _load_cluster(path: Path, overrides: list[str]) -> config_mod.Config:
+    # Unlike _load, paths stay as written: they name places inside the cluster's pods, not on this machine.
+    try:
+        return config_mod.load(path, overrides)
+    except config_mod.ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def submit(host: str = HostOpt, config: Path = typer.Option(CLUSTER_PROFILE, "--config", "-c",
+                                                            help="Cluster profile."),
+           set_: list[str] = SetOpt, run_name: str = typer.Option(None, help="Default: <profile name>-<time>.")):
+    """Upload the pipeline to Kubeflow (a new version of the same pipeline), start a run, print its URL."""
+    from medtune import kubeflow
+
+    cfg = _load_cluster(config, set_)
+    try:
+        result = kubeflow.submit(kubeflow.connect(host, cfg.cluster.namespace), cfg, run_name)
+    except kubeflow.KubeflowError as exc:
+        _fail(str(exc), code=1)
+    console.print(f"pipeline {result['pipeline_id']} version {result['version_id']}, run {result['run_id']}",
+                  highlight=False)
+    print(result["url"])
+
+
+@app.command()
+def schedule(host: str = HostOpt, cron: str = typer.Option(
+        None, help="Overrides the file's schedule; KFP cron has seconds first ('0 0 3 * * 1'), 5 fields get 0 s."),
+        definition: Path = typer.Option(Path("manifests/recurring-run.yaml"), help="Recurring run definition."),
+        config: Path = typer.Option(None, "--config", "-c", help="Cluster profile (default: the definition's)."),
+        set_: list[str] = SetOpt):
+    """Create or replace the pipeline's recurring run on Kubeflow; print its URL."""
+    from medtune import kubeflow
+
+    try:
+        spec = kubeflow.load_schedule(definition, cron)
+    except (kubeflow.KubeflowError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    cfg = _load_cluster(config or Path(spec.profile), set_)
+    try:
+        result = kubeflow.schedule(kubeflow.connect(host, cfg.cluster.namespace), cfg, spec)
+    except kubeflow.KubeflowError as exc:
+        _fail(str(exc), code=1)
+    replaced = f", replacing {', '.join(result['replaced'])}" if result["replaced"] else ""
+    console.print(f"recurring run '{spec.name}' {result['recurring_run_id']} at cron '{result['cron']}'{replaced}",
+                  highlight=False)
+    print(result["url"])
+
+
 @app.command()
 def ask(question: str, adapter: Path = typer.Option(None, help="LoRA adapter directory."),
         config: Path = ConfigOpt, set_: list[str] = SetOpt):
@@ -93,6 +147,78 @@ def ask(question: str, adapter: Path = typer.Option(None, help="LoRA adapter dir
     prompt = render_prompt(tokenizer, cfg.preprocess.system_prompt, question)
     print(generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                    desc="answering")[0])
+
+
+@app.command("evaluate")
+def evaluate_cmd(data: Path = typer.Option(..., "--data", help="Dataset the ingest reads (file, folder, ...); "
+                                           "its column mapping and kind come from data.* in the profile."),
+                 adapter: Path = typer.Option(None, help="LoRA adapter directory (the candidate)."),
+                 config: Path = ConfigOpt, set_: list[str] = SetOpt,
+                 out: Path = typer.Option(None, help="Write comparison.json, predictions.jsonl, decision.json "
+                                          "and report.html here."),
+                 json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")):
+    """Score a dataset with the base model, the adapter and the registered champion; print the metric table."""
+    from rich.table import Table
+
+    from medtune import evaluate as ev
+    from medtune import report
+
+    cfg = _load(config, [*set_, f"data.path={data.resolve()}"])
+    try:
+        summary = ev.evaluate_dataset(cfg, adapter.resolve() if adapter else None, out)
+    except (DataError, ValueError) as exc:
+        _fail(str(exc), code=1)
+    comparison = summary["comparison"]
+    table = Table(title=f"{summary['kind']}: {comparison['n']} questions from {summary['rows_kept']} rows")
+    for column in ("metric", "better", "base", "candidate", "champion", "cand - base [CI]", "cand - champion [CI]"):
+        table.add_column(column)
+    for row in report.metric_rows(comparison):
+        table.add_row(*row)
+    Console().print(table)
+    for line in [*(summary["headline"] or []), f"champion: {comparison['champion_info'].get('version') or 'none'}"
+                 f" {comparison['champion_info'].get('reason') or ''}".rstrip()]:
+        print(line)
+    if summary["gate"]:
+        print(f"gate: {'PASSED' if summary['gate']['passed'] else 'FAILED'} - {summary['gate']['summary']}")
+    if json_out:
+        print(json.dumps(summary, default=str))
+
+
+@app.command("lineage")
+def lineage_(run: str = typer.Argument(..., help="Output directory or run id that `medtune run` printed.")):
+    """Print a run's audit record: data, code, config, model, artifacts, metrics, gate, registry, Hub."""
+    from medtune import lineage
+
+    try:
+        record = json.loads(lineage.find(run).read_text())
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    rows = [("run", record["run"]["run_id"]), ("code", f"{record['code']['version']} @ {record['code']['git_sha']}"),
+            ("config sha256", record["config"]["sha256"]),
+            ("base model", f"{record['base_model']['id']} ({record['base_model'].get('sha256') or record['base_model']['revision']})"),
+            ("data", f"{record['data']['path']} sha256 {record['data']['sha256']}")]
+    rows += [(f"split {name}", f"{s['rows']} rows, sha256 {s['fingerprint']}") for name, s in record["splits"].items()]
+    rows += [("artifacts", f"{len(record['artifacts'])} files hashed"), ("gate", json.dumps(record["gate"])),
+             ("model version", str(record["mlflow"]["model_version"])), ("hub", json.dumps(record["hub"]))]
+    for key, value in rows:
+        console.print(f"[bold]{key:>14}[/]: {value}", highlight=False)
+
+
+@app.command()
+def verify(run: str = typer.Argument(..., help="Output directory or run id that `medtune run` printed.")):
+    """Recompute every hash in the run's lineage.json; exit 1 naming each file that changed."""
+    from medtune import lineage
+
+    try:
+        path = lineage.find(run)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    problems = lineage.verify(path)
+    for line in problems:
+        console.print(f"[red]MISMATCH[/] {line}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"verified: every hash in {path} matches")
 
 
 @data_app.command("validate")

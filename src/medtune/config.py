@@ -8,30 +8,72 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-CANONICAL_COLUMNS = ("id", "question", "answer", "focus", "qtype", "source")
+CANONICAL_COLUMNS = ("id", "question", "answer", "context", "focus", "qtype", "source")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+PhiAction = Literal["block", "mask", "off"]
+CanonicalColumn = Literal["id", "question", "answer", "context", "focus", "qtype", "source"]
+
+
+class PhiConfig(Strict):
+    """What to do with each kind of personal data found in question, answer or context.
+
+    block: the row goes to quarantine; mask: the match is replaced by a placeholder and counted;
+    off: not scanned. Public QA sources quote organisations' phone numbers and e-mail addresses, so
+    those kinds are often set to mask rather than block.
+    """
+
+    email: PhiAction = "block"
+    phone: PhiAction = "block"
+    ssn: PhiAction = "block"
+    mrn: PhiAction = "block"
+    dob: PhiAction = "block"
+
+
 class DataConfig(Strict):
-    path: str = Field(description="File, folder, or MedQuAD folder/archive with the QA pairs.")
-    format: Literal["auto", "jsonl", "csv", "parquet", "medquad"] = "auto"
+    path: str = Field(description="File, folder, MedQuAD folder/archive, save_to_disk folder, or hf://owner/name.")
+    format: Literal["auto", "jsonl", "csv", "parquet", "medquad", "hf"] = "auto"
+    kind: Literal["free_text", "closed_form"] = Field(
+        "free_text", description="free_text: scored by overlap (F1, ROUGE, BLEU); closed_form: yes/no/maybe or "
+        "option letters, scored by accuracy and macro-F1 of the parsed answer.")
     # source column -> canonical column, e.g. {input: question, output: answer}
-    columns: dict[str, Literal["id", "question", "answer", "focus", "qtype", "source"]] = {}
+    columns: dict[str, CanonicalColumn] = {}
+    hf_split: str = Field("train", description="Split to read from a Hugging Face dataset.")
+    hf_revision: str | None = Field(None, description="Hub revision (tag, branch or commit) to pin.")
+    hf_config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     limit: int | None = Field(None, ge=1, description="Keep only the first N rows read (slices for quick runs).")
     min_question_chars: int = Field(8, ge=1)
     max_question_chars: int = Field(1_000, ge=1)
     min_answer_chars: int = Field(2, ge=1)
-    max_answer_chars: int = Field(20_000, ge=1)
+    # Generous on purpose: real answers reach ~30k characters (MedQuAD); the token budget trims for training.
+    max_answer_chars: int = Field(50_000, ge=1)
+    max_question_tokens: int | None = Field(None, ge=1, description="Token bound (base model's tokenizer).")
+    max_answer_tokens: int | None = Field(None, ge=1, description="Token bound (base model's tokenizer).")
+    allowed_values: dict[Literal["qtype", "source", "focus"], list[str]] = Field(
+        {}, description="Categorical fields and the values they may take; other values are quarantined.")
+    phi: PhiConfig = PhiConfig()
+    max_bad_line_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="A file with more undecodable lines than this stops the run.")
     min_kept_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Stop the run when fewer rows survive.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> DataConfig:
+        for name in ("question", "answer"):
+            low, high = getattr(self, f"min_{name}_chars"), getattr(self, f"max_{name}_chars")
+            if low > high:
+                raise ValueError(f"min_{name}_chars={low} is above max_{name}_chars={high}")
+        return self
 
 
 class PreprocessConfig(Strict):
@@ -40,6 +82,8 @@ class PreprocessConfig(Strict):
         "information; you do not diagnose."
     )
     max_tokens: int = Field(384, ge=16, description="Rows whose rendered prompt+answer exceed this are dropped.")
+    # drop: one row per normalised question (the first in source order); keep: every distinct answer stays.
+    conflicting_duplicates: Literal["drop", "keep"] = "drop"
     val_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     seed: int = 42
@@ -96,22 +140,62 @@ class EvalConfig(Strict):
     max_rows: int | None = Field(64, ge=1, description="Cap on test rows scored (generation is the slow part).")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(96, ge=1)
+    compare_champion: bool = Field(True, description="Also score the registered `champion` version, if any.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples per metric.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided confidence level of the CIs.")
+    seed: int = Field(0, description="Seed of the bootstrap resamples (same seed, same intervals).")
+    repetition_ngram: int = Field(3, ge=1, description="n of the word n-grams checked for repetition.")
+    repetition_threshold: float = Field(
+        0.25, gt=0.0, le=1.0, description="An answer whose repeated n-gram share reaches this is degenerate.")
+
+
+GateMetric = Literal[
+    "exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL",          # free text
+    "accuracy", "macro_f1", "unparseable_rate",                              # closed form
+    "empty_rate", "repetition_rate", "length_ratio", "answer_words_mean",    # quality checks
+    "answer_words_p10", "answer_words_p50", "answer_words_p90", "reference_words_mean", "perplexity",
+]
+# Metrics where a smaller value is the better one; improvement and regression are measured that way.
+LOWER_IS_BETTER = frozenset({"unparseable_rate", "empty_rate", "repetition_rate", "perplexity"})
+# Lengths have no better direction: they take floors and ceilings only.
+NO_DIRECTION = frozenset({"length_ratio", "answer_words_mean", "answer_words_p10", "answer_words_p50",
+                          "answer_words_p90", "reference_words_mean"})
 
 
 class GateRule(Strict):
-    metric: Literal["exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL"]
+    """Bounds on one metric of the candidate. Every bound that is set is one check in the decision.
+
+    Improvement and regression follow the metric's direction: for lower-is-better metrics (perplexity,
+    empty_rate, ...) an improvement is a decrease.
+    """
+
+    metric: GateMetric
     min: float | None = Field(None, description="Floor for the candidate's value.")
-    min_improvement: float | None = Field(None, description="Candidate minus base must be at least this.")
+    max: float | None = Field(None, description="Ceiling for the candidate's value (quality checks).")
+    min_improvement: float | None = Field(None, description="Improvement over the base model must be at least this.")
+    significant: bool = Field(False, description="The improvement over base must have a CI that excludes zero.")
+    max_regression: float | None = Field(
+        None, ge=0.0, description="The candidate may be worse than the champion by at most this (skipped when "
+        "no champion is registered).")
 
     @model_validator(mode="after")
     def _has_bound(self) -> GateRule:
-        if self.min is None and self.min_improvement is None:
-            raise ValueError(f"gate rule for {self.metric} needs min or min_improvement")
+        if all(v is None for v in (self.min, self.max, self.min_improvement, self.max_regression)) \
+                and not self.significant:
+            raise ValueError(f"gate rule for {self.metric} needs min, max, min_improvement, max_regression "
+                             "or significant")
+        if self.metric in NO_DIRECTION and (self.min_improvement is not None or self.max_regression is not None
+                                            or self.significant):
+            raise ValueError(f"{self.metric} has no better direction: use min/max for it")
         return self
 
 
 class GateConfig(Strict):
+    """The promotion policy, versioned with the run as part of the profile."""
+
     rules: list[GateRule] = Field(min_length=1)
+    promote: bool = Field(False, description="On a pass, move the `champion` alias to the new version too "
+                          "(otherwise it only becomes `challenger`).")
 
 
 class TrackingConfig(Strict):
@@ -126,10 +210,69 @@ class HubConfig(Strict):
     token_env: str = Field("HF_TOKEN", description="Name of the env var holding the token; never the token.")
 
 
+TaskName = Literal["open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push"]
+# repository[:port/path]:tag[@sha256:digest]; a tag is required and `latest` is refused (not a pin).
+IMAGE_REF = r"^[a-z0-9][a-z0-9._/:-]*?:([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(@sha256:[0-9a-f]{64})?$"
+
+
+def _default_image(kind: str) -> str:
+    from medtune import images
+
+    return images.CPU_IMAGE if kind == "cpu" else images.GPU_IMAGE
+
+
+class Resources(Strict):
+    cpu: str = Field(pattern=r"^\d+(\.\d+)?m?$", description="Kubernetes CPU quantity (request = limit).")
+    memory: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$", description="Kubernetes memory quantity (request = limit).")
+
+
+class RetryPolicy(Strict):
+    retries: int = Field(ge=0, le=10)
+    backoff_s: int = Field(30, ge=0, description="Wait before the first retry; multiplied by backoff_factor after.")
+    backoff_factor: float = Field(2.0, ge=1.0)
+    backoff_max_s: int = Field(900, ge=1)
+
+
 class ClusterConfig(Strict):
-    gpu_limit: int = Field(1, ge=0)
+    """How the compiled pipeline runs on Kubernetes. kfp.local ignores all but the retry policies."""
+
+    cpu_image: str = Field(default_factory=lambda: _default_image("cpu"), pattern=IMAGE_REF)
+    cuda_image: str = Field(default_factory=lambda: _default_image("cuda"), pattern=IMAGE_REF)
+    gpu_tasks: list[TaskName] = ["train", "evaluate"]
+    gpu_limit: int = Field(1, ge=0, description="GPUs per GPU task; 0 runs every task on the CPU image and pool.")
+    gpu_resource: str = "nvidia.com/gpu"
     gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
     gpu_toleration_key: str = "nvidia.com/gpu"
+    gpu_resources: Resources = Resources(cpu="8", memory="48Gi")
+    cpu_resources: Resources = Resources(cpu="2", memory="8Gi")
+    cpu_node_selector: dict[str, str] = Field({}, description="Optional pool for the CPU tasks.")
+    model_cache_pvc: str = Field("medtune-model-cache", description="Mounted at model.cache_dir on model tasks.")
+    # Secret names only; the keys are fixed: <hf_secret>.token -> $<hub.token_env>,
+    # <mlflow_secret>.username/.password -> $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD.
+    hf_secret: str | None = "medtune-hf"
+    mlflow_secret: str | None = "medtune-mlflow"
+    retries: dict[TaskName, RetryPolicy] = {
+        "validate_data": RetryPolicy(retries=2), "preprocess": RetryPolicy(retries=3),
+        "train": RetryPolicy(retries=1, backoff_s=60), "register": RetryPolicy(retries=3),
+        "push": RetryPolicy(retries=3),
+    }
+    timeouts_s: dict[TaskName, int] = {
+        "open_run": 600, "validate_data": 3600, "preprocess": 3600, "train": 6 * 3600, "evaluate": 3 * 3600,
+        "gate": 900, "register": 1800, "push": 1800,
+    }
+    cached_tasks: list[TaskName] = ["validate_data", "preprocess"]
+    pipeline_name: str = "medtune"
+    experiment: str = "medtune"
+    namespace: str | None = Field(None, description="Profile namespace on multi-user Kubeflow; None standalone.")
+    service_account: str | None = "medtune-pipeline-runner"
+
+    @model_validator(mode="after")
+    def _pinned_images(self) -> ClusterConfig:
+        for field in ("cpu_image", "cuda_image"):
+            ref = getattr(self, field)
+            if re.match(IMAGE_REF, ref).group(1) == "latest":
+                raise ValueError(f"{field}={ref}: `latest` is not a pin; use the version tag (and digest)")
+        return self
 
 
 class Config(Strict):

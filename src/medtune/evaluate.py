@@ -1,21 +1,32 @@
-"""Score the base model and the candidate (base + adapter) on the same held-out rows.
+"""Score the base model, the candidate (base + adapter) and the champion on the same held-out questions.
 
-Both answer with greedy decoding from one loaded base model: the candidate's adapter is simply switched
-off for the base pass, so the two differ in the adapter and nothing else.
+All answer with greedy decoding. The base model is loaded once; the candidate's adapter is switched off
+for the base pass and the champion's adapter (when it was trained on the same base) is loaded next to it,
+so the models differ in their adapters and nothing else. Rows that share a question are scored as one
+question with several references (the best reference counts).
+
+Each model also gets a perplexity on reference answers (answer tokens only, given the prompt; by default
+on the validation split) so a broken model shows up even when its answers happen to overlap.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from medtune import metrics, models
 from medtune.config import Config
+
+log = logging.getLogger(__name__)
+MODELS = ("base", "candidate", "champion")
 
 
 @torch.inference_mode()
@@ -40,56 +51,318 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
     return restored
 
 
+@torch.inference_mode()
+def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 4,
+               max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: summed negative log-likelihood of the answer tokens (+ EOS) given the prompt, and their count.
+
+    Tokenised as training sees it: prompt and completion separately, then joined; padding on the right.
+    """
+    model.eval()
+    nll, counts = np.zeros(len(prompts)), np.zeros(len(prompts), dtype=np.int64)
+    for start in range(0, len(prompts), batch_size):
+        ids, labels = [], []
+        for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
+            p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+            a_ids = tokenizer(a + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            seq, lab = p_ids + a_ids, [-100] * len(p_ids) + a_ids
+            if max_tokens:
+                seq, lab = seq[:max_tokens], lab[:max_tokens]
+            ids.append(seq)
+            labels.append(lab)
+        width = max(len(s) for s in ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=model.device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=model.device)
+        target = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels], device=model.device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        target = target[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                                   reduction="none")
+        nll[start:start + len(ids)] = losses.sum(dim=1).cpu().numpy()
+        counts[start:start + len(ids)] = (target != -100).sum(dim=1).cpu().numpy()
+    return nll, counts
+
+
+def perplexity_aggregator(nll: np.ndarray, counts: np.ndarray) -> metrics.Aggregator:
+    """Token-weighted perplexity of a resample: exp(sum of NLL / number of answer tokens)."""
+    def agg(idx: np.ndarray) -> np.ndarray:
+        tokens = counts[idx].sum(axis=1)
+        with np.errstate(over="ignore"):
+            return np.where(tokens > 0, np.exp(nll[idx].sum(axis=1) / np.maximum(tokens, 1)), np.nan)
+    return agg
+
+
+def questions(rows: pd.DataFrame, max_rows: int | None = None) -> pd.DataFrame:
+    """One row per distinct question (whitespace and case folded), with every reference answer it has."""
+    df = rows.copy()
+    for column in ("id", "focus", "qtype"):
+        if column not in df:
+            df[column] = None
+    df["_key"] = [" ".join(str(q).split()).casefold() for q in df["question"]]
+    grouped = []
+    for _, group in df.groupby("_key", sort=False):
+        first = group.iloc[0]
+        refs = list(dict.fromkeys(str(a) for a in group["answer"]))
+        grouped.append({"id": str(first["id"]), "question": first["question"], "references": refs,
+                        "answer": refs[0], "focus": first["focus"], "qtype": first["qtype"],
+                        "prompt": first.get("prompt")})
+    out = pd.DataFrame(grouped)
+    return out.head(max_rows) if max_rows else out
+
+
+@dataclass
+class ModelRun:
+    answers: list[str]
+    scored: metrics.Scored
+    nll: np.ndarray | None = None
+    counts: np.ndarray | None = None
+
+    def values(self) -> dict[str, float]:
+        values = dict(self.scored.values)
+        if self.nll is not None:
+            values["perplexity"] = float(perplexity_aggregator(self.nll, self.counts)(
+                np.arange(len(self.nll))[None, :])[0])
+        return values
+
+
 @dataclass
 class Evaluation:
-    base: dict
-    candidate: dict
-    predictions: pd.DataFrame
+    kind: str
+    items: pd.DataFrame
+    runs: dict[str, ModelRun]
+    champion_info: dict = field(default_factory=dict)
+    perplexity_split: str | None = None
+    bootstrap: dict = field(default_factory=lambda: {"samples": 1000, "seed": 0, "confidence": 0.95})
+
+    @property
+    def base(self) -> dict:
+        return self.runs["base"].values()
+
+    @property
+    def candidate(self) -> dict | None:
+        return self.runs["candidate"].values() if "candidate" in self.runs else None
+
+    @property
+    def champion(self) -> dict | None:
+        """The champion's metrics; {} when a champion exists but could not be scored; None when none exists."""
+        if "champion" in self.runs:
+            return self.runs["champion"].values()
+        return {} if self.champion_info.get("available") else None
+
+    def intervals(self, first: str, second: str) -> dict[str, dict] | None:
+        if first not in self.runs or second not in self.runs:
+            return None
+        a, b = self.runs[first], self.runs[second]
+        extra = {}
+        if a.nll is not None and b.nll is not None:
+            extra["perplexity"] = (perplexity_aggregator(a.nll, a.counts), perplexity_aggregator(b.nll, b.counts),
+                                   len(a.nll))
+        return metrics.compare(a.scored, b.scored, len(self.items), extra=extra, **self.bootstrap)
 
     def comparison(self) -> dict:
+        base, candidate = self.base, self.candidate
         return {
-            "n": int(len(self.predictions)),
-            "base": self.base,
-            "candidate": self.candidate,
-            "delta": {k: self.candidate[k] - self.base[k] for k in metrics.METRICS},
+            "kind": self.kind,
+            "n": int(len(self.items)),
+            "n_references": int(sum(len(r) for r in self.items["references"])),
+            "base": base,
+            "candidate": candidate,
+            "champion": self.champion,
+            "champion_info": self.champion_info,
+            "delta": None if candidate is None else {k: candidate[k] - base[k] for k in candidate if k in base},
+            "ci": {"candidate_vs_base": self.intervals("candidate", "base"),
+                   "candidate_vs_champion": self.intervals("candidate", "champion")},
+            "bootstrap": self.bootstrap,
+            "perplexity_split": self.perplexity_split,
         }
 
+    @property
+    def predictions(self) -> pd.DataFrame:
+        keep = ["id", "question", "references", "answer", "focus", "qtype"]
+        out = self.items[keep].copy()
+        for name, run in self.runs.items():
+            out[f"{name}_answer"] = run.answers
+            for metric in run.scored.rows[0]:
+                out[f"{name}_{metric}"] = [r[metric] for r in run.scored.rows]
+        return out
 
-def load_candidate(cfg: Config, adapter_dir: Path):
+
+def score(cfg: Config, answers: list[str], items: pd.DataFrame, labels: tuple[str, ...] | None) -> metrics.Scored:
+    refs = items["references"].tolist()
+    common = dict(ngram=cfg.eval.repetition_ngram, threshold=cfg.eval.repetition_threshold)
+    if cfg.data.kind == "closed_form":
+        return metrics.score_closed_form(answers, refs, items["question"].tolist(), labels, **common)
+    return metrics.score_free_text(answers, refs, **common)
+
+
+def _same_base(cfg: Config, champion) -> bool:
+    if champion.model is None:
+        return True  # not recorded: the registry only holds adapters for this project's base models
+    keys = ("id", "source", "revision", "gguf_file")
+    return all(getattr(champion.model, k) == getattr(cfg.model, k) for k in keys)
+
+
+def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None, perplexity_rows: pd.DataFrame | None = None,
+             champion=None, champion_info: dict | None = None, perplexity_split: str = "validation") -> Evaluation:
+    """Answer and score `test_rows` with the base model, the candidate (if an adapter is given) and the
+    champion (if one is given); perplexity on `perplexity_rows` (default: the test rows' references)."""
     from peft import PeftModel
 
-    base = models.load_model(cfg.model, cfg.train).to(models.device())
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    model.config.use_cache = True
-    return model
+    from medtune.preprocess import render_prompt
 
-
-def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path) -> Evaluation:
-    rows = test_rows.head(cfg.eval.max_rows) if cfg.eval.max_rows else test_rows
-    if rows.empty:
+    items = questions(test_rows, cfg.eval.max_rows)
+    if items.empty:
         raise ValueError("the test split is empty: add data or raise preprocess.test_fraction")
+    labels = metrics.closed_form_labels(items["references"].tolist()) if cfg.data.kind == "closed_form" else None
     tokenizer = models.load_tokenizer(cfg.model, padding_side="left")
-    model = load_candidate(cfg, adapter_dir)
-    prompts = rows["prompt"].tolist()
-    references = [[a] for a in rows["answer"]]
+    if items["prompt"].isna().any():
+        items["prompt"] = [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in items["question"]]
+    if perplexity_rows is None or perplexity_rows.empty:
+        perplexity_rows, perplexity_split = items, "test"
+    ppl_prompts = perplexity_rows["prompt"].tolist() if "prompt" in perplexity_rows and \
+        perplexity_rows["prompt"].notna().all() else \
+        [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in perplexity_rows["question"]]
+    ppl_answers = perplexity_rows["answer"].astype(str).tolist()
+    prompts = items["prompt"].tolist()
     gen = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-    with model.disable_adapter():
-        base_answers = generate(model, tokenizer, prompts, desc="base model", **gen)
-    candidate_answers = generate(model, tokenizer, prompts, desc="candidate", **gen)
-    base_scores, base_rows = metrics.score(base_answers, references)
-    cand_scores, cand_rows = metrics.score(candidate_answers, references)
-    predictions = rows[["id", "question", "answer", "focus", "qtype"]].copy()
-    predictions["base_answer"] = base_answers
-    predictions["candidate_answer"] = candidate_answers
-    for name in ("token_f1", "rougeL"):
-        predictions[f"base_{name}"] = [r[name] for r in base_rows]
-        predictions[f"candidate_{name}"] = [r[name] for r in cand_rows]
-    return Evaluation(base=base_scores, candidate=cand_scores, predictions=predictions)
+    champion_info = dict(champion_info or {"available": False, "reason": "champion comparison not requested"})
+
+    model = models.load_model(cfg.model, cfg.train).to(models.device())
+    adapters = []
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="candidate")
+        adapters.append("candidate")
+    shared_champion = champion is not None and _same_base(cfg, champion)
+    if shared_champion:
+        if adapters:
+            model.load_adapter(str(champion.adapter_dir), adapter_name="champion")
+        else:
+            model = PeftModel.from_pretrained(model, str(champion.adapter_dir), adapter_name="champion")
+        adapters.append("champion")
+    model.config.use_cache = True
+
+    def run(name: str, m, tok, model_prompts, model_ppl_prompts) -> ModelRun:
+        answers = generate(m, tok, model_prompts, desc=name, **gen)
+        nll, counts = answer_nll(m, tok, model_ppl_prompts, ppl_answers, batch_size=min(4, cfg.eval.batch_size),
+                                 max_tokens=cfg.preprocess.max_tokens)
+        return ModelRun(answers=answers, scored=score(cfg, answers, items, labels), nll=nll, counts=counts)
+
+    runs: dict[str, ModelRun] = {}
+    if adapters:
+        with model.disable_adapter():
+            runs["base"] = run("base model", model, tokenizer, prompts, ppl_prompts)
+        for name in adapters:
+            model.set_adapter(name)
+            runs[name] = run(name, model, tokenizer, prompts, ppl_prompts)
+    else:
+        runs["base"] = run("base model", model, tokenizer, prompts, ppl_prompts)
+    del model
+    if champion is not None and not shared_champion:
+        runs_champion = _separate_champion(cfg, champion, items, perplexity_rows, run)
+        if runs_champion is None:
+            champion_info["reason"] = f"champion trained on {champion.model.id} could not be loaded"
+        else:
+            runs["champion"] = runs_champion
+    if champion is not None and "champion" in runs:
+        champion_info["scored"] = True
+    ordered = {name: runs[name] for name in MODELS if name in runs}
+    return Evaluation(kind=cfg.data.kind, items=items, runs=ordered, champion_info=champion_info,
+                      perplexity_split=perplexity_split,
+                      bootstrap={"samples": cfg.eval.bootstrap_samples, "seed": cfg.eval.seed,
+                                 "confidence": cfg.eval.confidence})
 
 
-def write_outputs(result: Evaluation, comparison_path: Path, predictions_dir: Path) -> None:
+def _separate_champion(cfg: Config, champion, items: pd.DataFrame, perplexity_rows: pd.DataFrame, run):
+    """A champion on another base model: loaded on its own base, prompted with that base's chat template."""
+    from peft import PeftModel
+
+    from medtune.preprocess import render_prompt
+
+    try:
+        tokenizer = models.load_tokenizer(champion.model, padding_side="left")
+        base = models.load_model(champion.model, cfg.train).to(models.device())
+    except (OSError, ValueError) as exc:
+        log.warning("champion base model %s could not be loaded: %s", champion.model.id, exc)
+        return None
+    model = PeftModel.from_pretrained(base, str(champion.adapter_dir))
+    model.config.use_cache = True
+    prompts = [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in items["question"]]
+    ppl_prompts = [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in perplexity_rows["question"]]
+    return run("champion", model, tokenizer, prompts, ppl_prompts)
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_outputs(result: Evaluation, comparison_path: Path, predictions_dir: Path) -> dict:
+    """comparison.json (NaN written as null, which the gate treats as missing) and predictions.jsonl."""
+    comparison = _jsonable(result.comparison())
     comparison_path.parent.mkdir(parents=True, exist_ok=True)
-    comparison_path.write_text(json.dumps(result.comparison(), indent=2))
+    comparison_path.write_text(json.dumps(comparison, indent=2))
     predictions_dir.mkdir(parents=True, exist_ok=True)
     result.predictions.to_json(predictions_dir / "predictions.jsonl", orient="records", lines=True,
                                force_ascii=False)
+    return comparison
+
+
+def tracking_uri(cfg: Config) -> str | None:
+    import os
+
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def evaluate_dataset(cfg: Config, adapter_dir: Path | None, out_dir: Path | None = None) -> dict:
+    """`medtune evaluate`: validate any dataset the ingest reads (cfg.data), score it, optionally write files.
+
+    The champion is compared when a tracking server is configured (tracking.tracking_uri or
+    $MLFLOW_TRACKING_URI); perplexity is on the scored rows' reference answers. With an adapter, the
+    gate policy (cfg.gate) is applied too, but nothing is registered or promoted from here.
+    """
+    import tempfile
+
+    import mlflow
+
+    from medtune import champion as champ
+    from medtune import gate as gating
+    from medtune import report, validate
+
+    validation = validate.validate(cfg.data)
+    uri = tracking_uri(cfg)
+    with tempfile.TemporaryDirectory(prefix="medtune-champion-") as tmp:
+        if not cfg.eval.compare_champion:
+            champion, info = None, {"available": False, "reason": "eval.compare_champion is false"}
+        elif not uri:
+            champion, info = None, {"available": False, "reason": "no tracking server configured "
+                                    "(tracking.tracking_uri or MLFLOW_TRACKING_URI)"}
+        else:
+            mlflow.set_tracking_uri(uri)
+            champion, info = champ.fetch(cfg.tracking.registered_model, Path(tmp))
+        result = evaluate(cfg, validation.kept, adapter_dir, None, champion, info, perplexity_split="test")
+    comparison = _jsonable(result.comparison())
+    decision = gating.decide(cfg.gate, comparison) if comparison["candidate"] is not None else None
+    outputs = {}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        write_outputs(result, out_dir / "comparison.json", out_dir)
+        outputs = {"comparison": str(out_dir / "comparison.json"), "predictions": str(out_dir / "predictions.jsonl")}
+        if decision is not None:
+            (out_dir / "decision.json").write_text(json.dumps(decision, indent=2))
+            outputs["decision"] = str(out_dir / "decision.json")
+        shown = decision or {"passed": False, "summary": "no candidate adapter: gate not applied", "checks": [],
+                             "headline": []}
+        (out_dir / "report.html").write_text(report.render(comparison, shown, [], result.predictions,
+                                                           title=f"medtune evaluate: {cfg.data.path}"))
+        outputs["report"] = str(out_dir / "report.html")
+    return {"data": cfg.data.path, "kind": cfg.data.kind, "rows_read": validation.summary["rows_read"],
+            "rows_kept": validation.summary["rows_kept"], "questions": comparison["n"],
+            "adapter": str(adapter_dir) if adapter_dir else None, "comparison": comparison,
+            "gate": None if decision is None else {"passed": decision["passed"], "summary": decision["summary"]},
+            "headline": None if decision is None else decision["headline"], "outputs": outputs}

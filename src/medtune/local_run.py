@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from medtune import models, tracking
+from medtune import lineage, models, tracking
 from medtune.config import Config
 
 MLFLOW_DIR = Path(".medtune/mlflow")
@@ -26,6 +29,8 @@ def compiled_pipeline_path() -> Path:
 def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
     from kfp import components, local
 
+    # SIGTERM (Ctrl-C's batch cousin) must unwind like an exception so the MLflow server we started stops.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     output_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"model: {cfg.model.id} -> {models.resolve(cfg.model)}")  # fetch/convert once, up front
     external = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -33,6 +38,10 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
     with server as uri:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})})
         console.print(f"MLflow tracking server: {uri}")
+        # The steps run in this virtualenv, not in their images, and cluster settings (GPUs, node pools,
+        # resources) don't apply on one machine: kfp warns about both once per task.
+        warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=r"Task '.*': settings \[", category=UserWarning)
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir / "artifacts"),
                    workspace_root=str(output_dir / "workspace"))
         pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
@@ -41,8 +50,17 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
         except RuntimeError as exc:
             raise PipelineFailed(f"the pipeline failed: {exc} (task logs above; artifacts in {output_dir})") from None
         summary = summarise(task.outputs, cfg, output_dir, uri)
+        record = lineage.build(cfg, summary)
+        summary["lineage"] = str(lineage.write(record, output_dir))
+        _log_lineage(uri, summary["run_id"], Path(summary["lineage"]))
     (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _log_lineage(tracking_uri: str, run_id: str, path: Path) -> None:
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri).log_artifact(run_id, str(path), "lineage")
 
 
 def summarise(outputs: dict, cfg: Config, output_dir: Path, tracking_uri: str) -> dict:
@@ -56,6 +74,7 @@ def summarise(outputs: dict, cfg: Config, output_dir: Path, tracking_uri: str) -
         "adapter": outputs["adapter"].path,
         "decision": outputs["decision"].path,
         "mlflow_run": f"{tracking_uri}/#/experiments/runs/{run_id}",
+        "tracking_uri": tracking_uri,
         "gate": {"passed": decision["passed"], "summary": decision["summary"]},
         "metrics": {"base": comparison["base"], "candidate": comparison["candidate"]},
         "model_version": None,

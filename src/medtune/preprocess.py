@@ -1,9 +1,20 @@
 """Normalise, de-duplicate, budget, split and render validated rows.
 
+Duplicate rule (documented here because it decides what the model sees):
+  * Two questions are the same when they are equal after collapsing whitespace and ignoring case
+    ("What is (are) Glaucoma ?" == "what is (are)  glaucoma ?").
+  * Same question, same answer (after the same normalisation): the first row in source order is kept,
+    later copies are dropped as `duplicate_question_same_answer`.
+  * Same question, different answers (e.g. two websites answering it): reported as conflicting, and by
+    default (`preprocess.conflicting_duplicates=drop`) only the first in source order is kept, the rest
+    dropped as `duplicate_question_conflicting_answer`; with `keep` every distinct answer stays and
+    all of them land in the same split.
+
 Splits are grouped so that no question lands in two splits, and by topic (`focus`) when the source has
 one, so the test split measures answers about conditions the model has not been trained on. Group
-placement is decided by a seeded hash of the group key, so the same input and seed always give the
-same splits, byte for byte, independent of input order within a group.
+placement is decided by a seeded hash of the group key and rows are written in a canonical order, so
+the same rows and seed always give the same splits, byte for byte. A Great Expectations check on the
+finished splits proves that no question and no topic appears in two of them.
 """
 
 from __future__ import annotations
@@ -20,7 +31,14 @@ from medtune.config import PreprocessConfig
 
 SPLITS = ("train", "validation", "test")
 _SPACE = re.compile(r"\s+")
-ROW_FIELDS = ("id", "question", "answer", "focus", "qtype", "source", "prompt", "completion")
+ROW_FIELDS = ("id", "question", "answer", "context", "focus", "qtype", "source", "prompt", "completion")
+DUPLICATE_RULES = ("duplicate_question_same_answer", "duplicate_question_conflicting_answer")
+DROP_RULES = (*DUPLICATE_RULES, "over_token_budget")
+MAX_CONFLICT_EXAMPLES = 20
+
+
+class LeakageError(ValueError):
+    """A question or topic ended up in two splits; a bug in grouping, never a data problem to skip."""
 
 
 def normalise(text: str) -> str:
@@ -35,12 +53,88 @@ def question_key(text: str) -> str:
 class Prepared:
     splits: dict[str, pd.DataFrame]
     dropped: list[dict] = field(default_factory=list)
+    conflicts: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
 
 
-def render_prompt(tokenizer, system_prompt: str, question: str) -> str:
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+def render_prompt(tokenizer, system_prompt: str, question: str, context: str | None = None) -> str:
+    user = f"Context:\n{context}\n\nQuestion: {question}" if context else question
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _text_or_none(value) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return str(value)
+
+
+def _canonical_frame(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    for column in ("context", "focus", "qtype", "source", "id", "_file", "_line"):
+        if column not in df:
+            df[column] = None
+        df[column] = [_text_or_none(v) for v in df[column]] if column != "_line" else df[column]
+    df["question"] = df["question"].map(normalise)
+    df["answer"] = df["answer"].map(normalise)
+    df["qkey"] = df["question"].map(str.casefold)
+    df["akey"] = df["answer"].map(str.casefold)
+    df["id"] = [i if i is not None else f"row-{n}" for n, i in enumerate(df["id"])]
+    return df.reset_index(drop=True)
+
+
+def _deduplicate(df: pd.DataFrame, cfg: PreprocessConfig) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    conflicts = _conflicts(df)
+    same = df.duplicated(subset=["qkey", "akey"], keep="first")
+    first = df[~df.duplicated("qkey", keep="first")].set_index("qkey")
+    dropped = _drop_records(df[same], "duplicate_question_same_answer", first,
+                            "same question and answer as {id} ({where})")
+    df = df[~same]
+    if cfg.conflicting_duplicates == "drop":
+        other = df.duplicated("qkey", keep="first")
+        dropped += _drop_records(df[other], "duplicate_question_conflicting_answer", first,
+                                 "same question as {id} ({where}) with a different answer; kept that one")
+        df = df[~other]
+    return df, dropped, conflicts
+
+
+def _conflicts(df: pd.DataFrame) -> list[dict]:
+    distinct = df.drop_duplicates(subset=["qkey", "akey"])
+    counts = distinct.groupby("qkey", sort=False)["akey"].size()
+    keys = counts[counts > 1].index
+    out = []
+    for key, rows in distinct[distinct["qkey"].isin(keys)].groupby("qkey", sort=False):
+        out.append({"question": rows["question"].iloc[0], "answers": [
+            {"id": r["id"], "source": r["source"], "file": r["_file"], "answer": r["answer"][:200]}
+            for r in rows.to_dict(orient="records")]})
+    return out
+
+
+def _drop_records(rows: pd.DataFrame, rule: str, first: pd.DataFrame, template: str) -> list[dict]:
+    out = []
+    for r in rows.to_dict(orient="records"):
+        kept = first.loc[r["qkey"]]
+        detail = template.format(id=kept["id"], where=kept["_file"] or kept["source"] or "same source")
+        out.append(_quarantine(r, rule, detail))
+    return out
+
+
+def _quarantine(r: dict, rule: str, detail: str) -> dict:
+    line = r.get("_line")
+    row = {k: r.get(k) for k in ("id", "question", "answer", "context", "focus", "qtype", "source")
+           if r.get(k) is not None}
+    return {"file": r.get("_file"), "line": None if pd.isna(line) else int(line), "rule": rule,
+            "detail": detail, "row": row}
+
+
+def _render(df: pd.DataFrame, tokenizer, cfg: PreprocessConfig) -> pd.DataFrame:
+    df = df.copy()
+    df["prompt"] = [render_prompt(tokenizer, cfg.system_prompt, q, c) for q, c in zip(df["question"], df["context"])]
+    df["completion"] = df["answer"] + tokenizer.eos_token
+    texts = [p + c for p, c in zip(df["prompt"], df["completion"])]
+    # one batched call: the fast tokenizers parallelise it, a per-row loop is ~10x slower on MedQuAD
+    df["n_tokens"] = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    return df
 
 
 def _group_keys(df: pd.DataFrame) -> pd.Series:
@@ -53,11 +147,10 @@ def _group_keys(df: pd.DataFrame) -> pd.Series:
             x = parent[x]
         return x
 
-    has_focus = "focus" in df and df["focus"].fillna("").astype(str).str.strip().ne("").any()
     keys = []
-    for q, focus in zip(df["qkey"], df["focus"] if has_focus else [""] * len(df)):
+    for q, focus in zip(df["qkey"], df["focus"]):
         node = f"q:{q}"
-        topic = str(focus or "").strip().casefold()
+        topic = (focus or "").strip().casefold()
         if topic:
             parent[find(node)] = find(f"f:{topic}")
         keys.append(node)
@@ -77,47 +170,59 @@ def assign_splits(groups: pd.Series, cfg: PreprocessConfig) -> pd.Series:
 
 
 def prepare(df: pd.DataFrame, tokenizer, cfg: PreprocessConfig) -> Prepared:
-    df = df.copy()
-    for column in ("focus", "qtype", "source", "id"):
-        if column not in df:
-            df[column] = None
-    df["question"] = df["question"].map(normalise)
-    df["answer"] = df["answer"].map(normalise)
-    df["qkey"] = df["question"].map(question_key)
-    df["id"] = [str(i) if i is not None and str(i) != "nan" else f"row-{n}" for n, i in enumerate(df["id"])]
-    dropped: list[dict] = []
-
-    # Rule: an exact copy (same normalised question and answer) keeps its first occurrence only.
-    exact = df.duplicated(subset=["qkey", "answer"], keep="first")
-    dropped += _drop_records(df[exact], "exact_duplicate", "same question and answer as an earlier row")
-    df = df[~exact]
-    conflicting = int(df.groupby("qkey")["answer"].nunique().gt(1).sum())
-
-    df["prompt"] = [render_prompt(tokenizer, cfg.system_prompt, q) for q in df["question"]]
-    df["completion"] = df["answer"] + tokenizer.eos_token
-    lengths = [len(tokenizer(p + c, add_special_tokens=False)["input_ids"])
-               for p, c in zip(df["prompt"], df["completion"])]
-    df["n_tokens"] = lengths
+    rows_in = len(df)
+    df = _canonical_frame(df)
+    df, dropped, conflicts = _deduplicate(df, cfg)
+    df = _render(df, tokenizer, cfg)
     over = df["n_tokens"] > cfg.max_tokens
-    dropped += _drop_records(df[over], "over_token_budget", f"more than preprocess.max_tokens={cfg.max_tokens}")
-    df = df[~over]
+    dropped += [_quarantine(r, "over_token_budget", f"{r['n_tokens']} tokens, more than preprocess.max_tokens="
+                            f"{cfg.max_tokens}") for r in df[over].to_dict(orient="records")]
+    df = df[~over].copy()
 
     df["split"] = assign_splits(_group_keys(df), cfg)
-    splits = {name: df[df["split"] == name][list(ROW_FIELDS) + ["n_tokens"]].reset_index(drop=True)
-              for name in SPLITS}
+    check_no_leakage(df)
+    splits = {name: _canonical_order(df[df["split"] == name]) for name in SPLITS}
     summary = {
-        "rows_in": int(len(df) + len(dropped)),
+        "rows_in": rows_in,
         "rows_out": int(len(df)),
-        "dropped_by_rule": {r: sum(d["rule"] == r for d in dropped) for r in ("exact_duplicate", "over_token_budget")},
-        "conflicting_duplicate_questions": conflicting,
+        "rows_dropped": len(dropped),
+        "dropped_by_rule": {r: sum(d["rule"] == r for d in dropped) for r in DROP_RULES},
+        "conflicting_duplicate_questions": len(conflicts),
+        "conflicting_duplicates": cfg.conflicting_duplicates,
+        "conflict_examples": conflicts[:MAX_CONFLICT_EXAMPLES],
+        "topics": {name: int(s["focus"].dropna().str.casefold().nunique()) for name, s in splits.items()},
         "splits": {name: {"rows": int(len(s)), "fingerprint": fingerprint(s)} for name, s in splits.items()},
     }
-    return Prepared(splits=splits, dropped=dropped, summary=summary)
+    if summary["rows_in"] != summary["rows_out"] + summary["rows_dropped"]:
+        raise AssertionError(f"row accounting broken in preprocessing: {summary}")
+    return Prepared(splits=splits, dropped=dropped, conflicts=conflicts, summary=summary)
 
 
-def _drop_records(rows: pd.DataFrame, rule: str, detail: str) -> list[dict]:
-    keep = [c for c in ("id", "question", "answer", "focus", "_file", "_line") if c in rows]
-    return [{"rule": rule, "detail": detail, "row": r} for r in rows[keep].to_dict(orient="records")]
+def _canonical_order(df: pd.DataFrame) -> pd.DataFrame:
+    # Sorting by content (not input position) makes the file independent of the order rows arrived in.
+    ordered = df.sort_values(["qkey", "akey", "id"], kind="stable")
+    return ordered[list(ROW_FIELDS) + ["n_tokens"]].reset_index(drop=True)
+
+
+def check_no_leakage(df: pd.DataFrame) -> dict:
+    """GX check on the assigned splits: every question and every topic belongs to exactly one split."""
+    import great_expectations.expectations as gxe
+    from great_expectations import ExpectationSuite
+
+    from medtune.validate import run_suite
+
+    topics = df["focus"].fillna("").str.strip().str.casefold()
+    keys = pd.concat([("question: " + df["qkey"]).to_frame("key").assign(split=df["split"].values),
+                      ("topic: " + topics[topics != ""]).to_frame("key").assign(split=df["split"][topics != ""].values)])
+    pairs = keys.drop_duplicates().reset_index(drop=True)
+    pairs["_row"] = range(len(pairs))
+    suite = ExpectationSuite(name="medtune_splits", expectations=[gxe.ExpectColumnValuesToBeUnique(column="key")])
+    result = run_suite(pairs, suite)
+    if not result.success:
+        leaked = pairs.iloc[[int(h["_row"]) for h in result.results[0].result["unexpected_index_list"]]]
+        examples = leaked.groupby("key")["split"].apply(sorted).head(5).to_dict()
+        raise LeakageError(f"{leaked['key'].nunique()} questions/topics are in more than one split, e.g. {examples}")
+    return result.to_json_dict()
 
 
 def canonical_lines(df: pd.DataFrame) -> list[str]:
@@ -126,7 +231,7 @@ def canonical_lines(df: pd.DataFrame) -> list[str]:
 
 
 def fingerprint(df: pd.DataFrame) -> str:
-    return hashlib.sha256("\n".join(canonical_lines(df)).encode()).hexdigest()
+    return hashlib.sha256("".join(line + "\n" for line in canonical_lines(df)).encode()).hexdigest()
 
 
 def write_split(df: pd.DataFrame, directory: Path) -> None:

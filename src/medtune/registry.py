@@ -55,9 +55,32 @@ def register(cfg: Config, parent_run_id: str, adapter_dir: Path, decision: dict,
     version = str(info.registered_model_version)
     for key, value in tags.items():
         client.set_model_version_tag(cfg.tracking.registered_model, version, key, value)
-    client.set_registered_model_alias(cfg.tracking.registered_model, "challenger", version)
     return {"name": cfg.tracking.registered_model, "version": version, "model_uri": info.model_uri,
-            "alias": "challenger"}
+            **set_aliases(client, cfg.tracking.registered_model, version, decision)}
+
+
+def set_aliases(client, name: str, version: str, decision: dict) -> dict:
+    """A passed version becomes `challenger`; `champion` moves to it only when the decision says promote.
+
+    Moving an alias never deletes a version: the previous champion stays registered (and is tagged on the
+    new version, so the hand-over can be traced and undone by moving the alias back).
+    """
+    from medtune.champion import lookup
+
+    if not decision.get("passed"):
+        return {"alias": None, "aliases": [], "previous_champion": None, "promoted": False}
+    previous = lookup(name)
+    previous_version = previous["version"] if previous["available"] else None
+    client.set_registered_model_alias(name, "challenger", version)
+    aliases = ["challenger"]
+    promoted = bool(decision.get("promote"))
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version)
+        aliases.append("champion")
+        if previous_version:
+            client.set_model_version_tag(name, version, "medtune.previous_champion", previous_version)
+    client.set_model_version_tag(name, version, "medtune.promoted", str(promoted).lower())
+    return {"alias": aliases[-1], "aliases": aliases, "previous_champion": previous_version, "promoted": promoted}
 
 
 def registration_json(result: dict) -> str:

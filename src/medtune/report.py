@@ -1,10 +1,17 @@
-"""The evaluation report: one self-contained HTML page (plots inlined) a reviewer can open anywhere."""
+"""The evaluation report: one self-contained HTML page (plots inlined) a reviewer can open anywhere.
+
+Sections: the plain-language headline (did the candidate beat the base model, CI excluding zero?), the
+gate's decision rule by rule, the metric table for base / candidate / champion with paired bootstrap CIs,
+the training loss curve, a per-question-type breakdown, and the questions where the candidate gained and
+lost most against the base model, side by side with the reference.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import math
 
 import matplotlib
 
@@ -12,7 +19,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from medtune.metrics import METRICS  # noqa: E402
+from medtune import metrics  # noqa: E402
+
+MODELS = ("base", "candidate", "champion")
+# The per-question score the breakdown and the gained/lost lists use.
+PER_QUESTION = {"free_text": ("rougeL", "token_f1"), "closed_form": ("correct",)}
 
 
 def _png(fig) -> str:
@@ -22,10 +33,33 @@ def _png(fig) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+def _esc(value) -> str:
+    return html.escape(str(value))
+
+
+def fmt(value, digits: int = 4, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def fmt_ci(ci: dict | None) -> str:
+    if not ci or ci.get("delta") is None:
+        return "n/a"
+    if ci.get("low") is None:
+        return f"{fmt(ci['delta'], signed=True)} (no CI)"
+    mark = " *" if ci.get("significant") else ""
+    return f"{fmt(ci['delta'], signed=True)} [{fmt(ci['low'], signed=True)}, {fmt(ci['high'], signed=True)}]{mark}"
+
+
 def loss_plot(history: list[dict]) -> str:
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return "<p>No training history was provided (evaluation of an existing adapter).</p>"
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -37,47 +71,134 @@ def loss_plot(history: list[dict]) -> str:
     return _png(fig)
 
 
-def metric_plot(comparison: dict) -> str:
-    names = [m for m in METRICS if m != "bleu"]
+def metric_plot(comparison: dict, names: tuple[str, ...]) -> str:
+    present = [m for m in MODELS if comparison.get(m)]
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    width = 0.38
-    xs = range(len(names))
-    ax.bar([x - width / 2 for x in xs], [comparison["base"][m] for m in names], width, label="base")
-    ax.bar([x + width / 2 for x in xs], [comparison["candidate"][m] for m in names], width, label="candidate")
-    ax.set_xticks(list(xs), names)
+    width = 0.8 / max(len(present), 1)
+    for k, model in enumerate(present):
+        values = [comparison[model].get(m) for m in names]
+        ax.bar([x + (k - (len(present) - 1) / 2) * width for x in range(len(names))],
+               [v if isinstance(v, (int, float)) and math.isfinite(v) else 0 for v in values], width, label=model)
+    ax.set_xticks(list(range(len(names))), names)
     ax.set_ylim(0, 1)
     ax.legend()
-    ax.set_title(f"Test split, n={comparison['n']} (BLEU in the table)")
+    ax.set_title(f"Test split, n={comparison['n']}")
     return _png(fig)
 
 
-def _table(rows: list[list], header: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+def _table(rows: list[list], header: list[str], raw: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c if i in raw else _esc(c)}</td>" for i, c in enumerate(r)) + "</tr>"
+                   for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render(comparison: dict, decision: dict, history: list[dict], predictions: pd.DataFrame,
-           title: str) -> str:
-    metric_rows = [[m, f"{comparison['base'][m]:.4f}", f"{comparison['candidate'][m]:.4f}",
-                    f"{comparison['delta'][m]:+.4f}"] for m in METRICS]
-    gate_rows = [[c["rule"], "n/a" if c["value"] is None else f"{c['value']:.4f}", c["bound"],
-                  "PASS" if c["passed"] else "FAIL", c["reason"]] for c in decision["checks"]]
-    swings = predictions.assign(gain=predictions["candidate_rougeL"] - predictions["base_rougeL"])
-    top = pd.concat([swings.nlargest(5, "gain"), swings.nsmallest(5, "gain")]).drop_duplicates("id")
-    example_rows = [[r.question, r.answer, r.base_answer, r.candidate_answer, f"{r.gain:+.3f}"]
-                    for r in top.itertuples()]
+def metric_names(comparison: dict) -> list[str]:
+    kind = comparison.get("kind", "free_text")
+    main = metrics.CLOSED_FORM_METRICS if kind == "closed_form" else metrics.FREE_TEXT_METRICS
+    return [m for m in (*main, *metrics.QUALITY_METRICS) if m in (comparison.get("base") or {})]
+
+
+def metric_rows(comparison: dict) -> list[list[str]]:
+    ci = comparison.get("ci") or {}
+    vs_base, vs_champ = ci.get("candidate_vs_base") or {}, ci.get("candidate_vs_champion") or {}
+    rows = []
+    for m in metric_names(comparison):
+        direction = {1: "higher", -1: "lower"}.get(metrics.DIRECTION.get(m), "-")
+        rows.append([m, direction, *[fmt((comparison.get(model) or {}).get(m)) if comparison.get(model) is not None
+                                    else "—" for model in MODELS],
+                     fmt_ci(vs_base.get(m)), fmt_ci(vs_champ.get(m))])
+    return rows
+
+
+def breakdown(predictions: pd.DataFrame, kind: str) -> tuple[list[str], list[list[str]]]:
+    """Mean per-question score by question type, for every model scored."""
+    scores = [s for s in PER_QUESTION.get(kind, ()) if f"base_{s}" in predictions]
+    models = [m for m in MODELS if f"{m}_answer" in predictions]
+    columns = [f"{m}_{s}" for s in scores for m in models]
+    qtype = predictions["qtype"].fillna("(none)").astype(str) if "qtype" in predictions else \
+        pd.Series(["(none)"] * len(predictions))
+    grouped = predictions.assign(_qtype=qtype).groupby("_qtype")
+    rows = []
+    for name, group in grouped:
+        rows.append([name, len(group), *[fmt(group[c].mean(), 3) for c in columns]])
+    rows.sort(key=lambda r: -r[1])
+    rows.append(["all", len(predictions), *[fmt(predictions[c].mean(), 3) for c in columns]])
+    return ["question type", "n", *[c.replace("_", " ", 1) for c in columns]], rows
+
+
+def swings(predictions: pd.DataFrame, kind: str, k: int = 10) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The k questions where the candidate gained most and the k where it lost most against the base."""
+    score = PER_QUESTION.get(kind, ("rougeL",))[0]
+    if f"candidate_{score}" not in predictions or f"base_{score}" not in predictions:
+        return predictions.head(0), predictions.head(0)
+    frame = predictions.assign(gain=predictions[f"candidate_{score}"] - predictions[f"base_{score}"])
+    gained = frame[frame["gain"] > 0].sort_values("gain", ascending=False, kind="stable").head(k)
+    lost = frame[frame["gain"] < 0].sort_values("gain", ascending=True, kind="stable").head(k)
+    return gained, lost
+
+
+def _references(row) -> str:
+    refs = row.references if isinstance(getattr(row, "references", None), list) else [row.answer]
+    if len(refs) == 1:
+        return _esc(refs[0])
+    return "<ol>" + "".join(f"<li>{_esc(r)}</li>" for r in refs) + "</ol>"
+
+
+def _swing_table(frame: pd.DataFrame, kind: str) -> str:
+    if frame.empty:
+        return "<p>None.</p>"
+    score = PER_QUESTION.get(kind, ("rougeL",))[0]
+    with_champion = "champion_answer" in frame
+    header = ["question", "reference", "base", "candidate", *(["champion"] if with_champion else []),
+              f"{score} gain"]
+    rows = [[_esc(r.question), _references(r), _esc(r.base_answer), _esc(r.candidate_answer),
+             *([_esc(r.champion_answer)] if with_champion else []), fmt(r.gain, 3, signed=True)]
+            for r in frame.itertuples()]
+    return _table(rows, header, raw=set(range(len(header))))
+
+
+def render(comparison: dict, decision: dict, history: list[dict], predictions: pd.DataFrame, title: str) -> str:
+    kind = comparison.get("kind", "free_text")
+    checks = [[c["rule"], fmt(c["value"]), f"{c.get('op', '>=')} {c['bound']}", c.get("verdict") or
+               ("PASS" if c["passed"] else "FAIL"), c.get("reason", "")] for c in decision.get("checks", [])]
     verdict = "PASSED" if decision["passed"] else "FAILED"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
+    promote = ("the new version becomes <b>champion</b>" if decision.get("promote") else
+               "the new version becomes <b>challenger</b>; champion stays where it is (policy: promote is off)"
+               ) if decision["passed"] else "nothing is registered, promoted or pushed"
+    info = comparison.get("champion_info") or {}
+    champion = (f"champion: {_esc(info.get('name'))} version {_esc(info.get('version'))} (MLflow alias "
+                "<code>champion</code>)" if info.get("available") else
+                f"champion: none ({_esc(info.get('reason') or 'not looked up')})")
+    headline = "".join(f"<li>{_esc(s)}</li>" for s in decision.get("headline") or [])
+    boot = comparison.get("bootstrap") or {}
+    ci_note = (f"Differences are candidate minus the other model, with a {fmt(boot.get('confidence', 0.95), 2)} "
+               f"paired bootstrap percentile CI ({boot.get('samples')} resamples of the same questions, seed "
+               f"{boot.get('seed')}); * marks a CI that excludes zero. Perplexity is on the "
+               f"{_esc(comparison.get('perplexity_split') or 'test')} split's reference answers.")
+    names = metrics.PRIMARY.get(kind, ())
+    plot_names = tuple(m for m in (*names, "rouge1", "rouge2", "exact_match") if m in (comparison.get("base") or {})
+                       and m != "bleu")
+    b_header, b_rows = breakdown(predictions, kind)
+    gained, lost = swings(predictions, kind)
+    score = PER_QUESTION.get(kind, ("rougeL",))[0]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{_esc(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:90%}}</style></head><body>
-<h1>{html.escape(title)}</h1>
-<h2>Gate: {verdict}</h2><p>{html.escape(decision['summary'])}</p>
-{_table(gate_rows, ["rule", "value", "bound", "verdict", "note"])}
-<h2>Metrics (test split, n={comparison['n']})</h2>
-{_table(metric_rows, ["metric", "base", "candidate", "candidate - base"])}
-{metric_plot(comparison)}
+<h1>{_esc(title)}</h1>
+<h2>Headline</h2><ul id="headline">{headline}</ul>
+<h2>Gate: {verdict}</h2><p id="gate-summary">{_esc(decision['summary'])}</p><p>{promote}.</p><p>{champion}</p>
+{_table(checks, ["rule", "value", "bound", "verdict", "note"])}
+<h2>Metrics (test split, n={comparison['n']} questions, {comparison.get('n_references', comparison['n'])} references)</h2>
+<p>{ci_note}</p>
+{_table(metric_rows(comparison), ["metric", "better", *MODELS, "candidate - base [CI]",
+                                  "candidate - champion [CI]"])}
+{metric_plot(comparison, plot_names) if plot_names else ""}
 <h2>Training</h2>{loss_plot(history)}
-<h2>Largest gains and losses (ROUGE-L)</h2>
-{_table(example_rows, ["question", "reference", "base", "candidate", "ROUGE-L gain"])}
+<h2>By question type (mean per-question score)</h2>
+{_table(b_rows, b_header)}
+<h2>Largest gains over the base model ({score})</h2>
+{_swing_table(gained, kind)}
+<h2>Largest losses against the base model ({score})</h2>
+{_swing_table(lost, kind)}
 </body></html>"""

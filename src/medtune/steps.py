@@ -80,26 +80,49 @@ def train(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_d
     return result.metrics
 
 
+def _finite(values: dict | None) -> dict[str, float]:
+    import math
+
+    return {k: float(v) for k, v in (values or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def evaluate(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparison_path: str,
-             predictions_dir: str) -> dict:
+             predictions_dir: str, val_dir: str | None = None) -> dict:
+    """Score base, candidate and (when registered) champion on the test split; perplexity on validation."""
+    import tempfile
+
+    from medtune import champion as champ
     from medtune import evaluate as ev
     from medtune.preprocess import read_split
 
     cfg = _cfg(config_json)
-    with tracking.step(cfg, run_id, "evaluate"):
-        result = ev.evaluate(cfg, read_split(Path(test_dir)), Path(adapter_dir))
-        ev.write_outputs(result, Path(comparison_path), Path(predictions_dir))
-        mlflow.log_metrics({f"base.{k}": v for k, v in result.base.items()})
-        mlflow.log_metrics({f"candidate.{k}": v for k, v in result.candidate.items()})
+    with tracking.step(cfg, run_id, "evaluate"), tempfile.TemporaryDirectory(prefix="medtune-champion-") as tmp:
+        if cfg.eval.compare_champion:
+            champion, info = champ.fetch(cfg.tracking.registered_model, Path(tmp))
+        else:
+            champion, info = None, {"available": False, "reason": "eval.compare_champion is false"}
+        val = read_split(Path(val_dir)) if val_dir else None
+        result = ev.evaluate(cfg, read_split(Path(test_dir)), Path(adapter_dir), val, champion, info)
+        comparison = ev.write_outputs(result, Path(comparison_path), Path(predictions_dir))
+        for name in ev.MODELS:
+            mlflow.log_metrics({f"{name}.{k}": v for k, v in _finite(comparison.get(name)).items()})
+        for pair, intervals in comparison["ci"].items():
+            for metric, ci in (intervals or {}).items():
+                mlflow.log_metrics({f"ci.{pair}.{metric}.{k}": ci[k] for k in ("delta", "low", "high")
+                                    if ci.get(k) is not None})
         mlflow.log_artifact(comparison_path, "evaluation")
-    comparison = result.comparison()
-    tracking.log_parent_metrics(run_id, result.candidate, "candidate.")
-    tracking.log_parent_metrics(run_id, result.base, "base.")
+        mlflow.log_artifact(str(Path(predictions_dir) / "predictions.jsonl"), "evaluation")
+        mlflow.set_tag("medtune.champion", f"{info.get('name')}/{info.get('version')}" if info.get("available")
+                       else "none")
+    for name in ev.MODELS:
+        tracking.log_parent_metrics(run_id, _finite(comparison.get(name)), f"{name}.")
     return comparison
 
 
 def gate(config_json: str, run_id: str, comparison_path: str, history_path: str, predictions_dir: str,
          decision_path: str, report_path: str) -> dict:
+    """Apply the policy (cfg.gate) and write the report. A failed gate is a recorded decision, not an error."""
     import pandas as pd
 
     from medtune import gate as gating
@@ -110,14 +133,19 @@ def gate(config_json: str, run_id: str, comparison_path: str, history_path: str,
     decision = gating.decide(cfg.gate, comparison)
     Path(decision_path).write_text(json.dumps(decision, indent=2))
     predictions = pd.read_json(Path(predictions_dir) / "predictions.jsonl", orient="records", lines=True)
-    html = report.render(comparison, decision, json.loads(Path(history_path).read_text()), predictions,
+    history_file = Path(history_path) if history_path else None
+    history = json.loads(history_file.read_text()) if history_file and history_file.exists() else []
+    html = report.render(comparison, decision, history, predictions,
                          title=f"medtune evaluation: {cfg.name}, run {run_id}")
     Path(report_path).write_text(html)
     with tracking.step(cfg, run_id, "gate"):
         mlflow.log_dict(decision, "gate/decision.json")
+        mlflow.log_dict(cfg.gate.model_dump(mode="json"), "gate/policy.json")
+        mlflow.log_metric("gate_passed", float(decision["passed"]))
         mlflow.log_artifact(report_path, "report")
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "medtune.gate", "passed" if decision["passed"] else "failed")
+    client.set_tag(run_id, "medtune.gate_summary", decision["summary"][:5000])
     client.log_artifact(run_id, report_path, "report")
     client.log_dict(run_id, decision, "gate/decision.json")
     return decision

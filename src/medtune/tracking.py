@@ -56,7 +56,9 @@ def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
          "--artifacts-destination", str(state_dir / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # The GenAI job runner forks eight more Python processes; tracking and the registry don't need it.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + timeout_s
         while not _healthy(uri):

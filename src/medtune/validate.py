@@ -1,44 +1,80 @@
 """Validate ingested rows with a Great Expectations suite and split them into kept and quarantined.
 
-Row-level expectations (non-null, length bounds) name the rows that fail them through GX's unexpected
-index list; those rows go to quarantine with the expectation as the reason. Column-level results
-(duplicates) are reported, not quarantined: preprocessing decides what a duplicate means.
+The suite is code (`build_suite`) and is saved with every run. Row-level expectations (types, non-blank,
+length bounds in characters and tokens, allowed categorical values, personal data) name the rows that
+fail them through GX's unexpected index list; those rows go to quarantine with the rule as the reason.
+Duplicate questions are reported here and resolved in preprocessing, where the rule is documented.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
 
+from medtune import phi
 from medtune.config import DataConfig
-from medtune.ingest import DataError, Ingested, ingest, quarantine_record
+from medtune.ingest import REQUIRED, DataError, Ingested, ingest, quarantine_record
 
 log = logging.getLogger(__name__)
 ROW_ID = "_row"
+TEXT_COLUMNS = ("question", "answer", "context")
 # Rows the publisher shipped without answers are counted, but do not count against the kept fraction.
 NOT_ELIGIBLE_RULES = {"answer_removed_by_publisher"}
+SUITE_NAME = "medtune_qa"
 
 
-def build_suite(cfg: DataConfig) -> gx.ExpectationSuite:
-    expectations = []
-    for column in ("question", "answer"):
-        expectations += [gxe.ExpectColumnToExist(column=column), gxe.ExpectColumnValuesToNotBeNull(column=column)]
-    expectations += [
-        gxe.ExpectColumnValueLengthsToBeBetween(column="question", min_value=cfg.min_question_chars,
-                                                max_value=cfg.max_question_chars),
-        gxe.ExpectColumnValueLengthsToBeBetween(column="answer", min_value=cfg.min_answer_chars,
-                                                max_value=cfg.max_answer_chars),
-        # Reported only: exact copies are dropped in preprocessing, where the rule is documented.
-        gxe.ExpectColumnValuesToBeUnique(column="question", severity="warning"),
-    ]
-    return gx.ExpectationSuite(name="medtune_qa", expectations=expectations)
+def _rule(expectation, rule: str):
+    expectation.meta = {"rule": rule}
+    return expectation
+
+
+def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED)) -> gx.ExpectationSuite:
+    """The data contract. Order matters: a row failing several rules is quarantined under the first."""
+    exp = []
+    for column in REQUIRED:
+        low, high = getattr(cfg, f"min_{column}_chars"), getattr(cfg, f"max_{column}_chars")
+        exp += [
+            _rule(gxe.ExpectColumnToExist(column=column), f"{column}.present"),
+            _rule(gxe.ExpectColumnValuesToNotBeNull(column=column), f"{column}.not_null"),
+            _rule(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"), f"{column}.is_text"),
+            _rule(gxe.ExpectColumnValuesToMatchRegex(column=column, regex=r"\S"), f"{column}.not_blank"),
+            _rule(gxe.ExpectColumnValueLengthsToBeBetween(column=column, min_value=low, max_value=high),
+                  f"{column}.length_chars"),
+        ]
+        if getattr(cfg, f"max_{column}_tokens"):
+            exp.append(_rule(gxe.ExpectColumnValuesToBeBetween(column=_tokens(column), min_value=1,
+                                                               max_value=getattr(cfg, f"max_{column}_tokens")),
+                             f"{column}.length_tokens"))
+    if "context" in columns:
+        exp.append(_rule(gxe.ExpectColumnValuesToBeOfType(column="context", type_="str"), "context.is_text"))
+    for column, values in sorted(cfg.allowed_values.items()):
+        exp.append(_rule(gxe.ExpectColumnValuesToBeInSet(column=column, value_set=list(values)),
+                         f"{column}.allowed_values"))
+    for kind in phi.KINDS:
+        action = getattr(cfg.phi, kind)
+        if action == "off":
+            continue
+        # mask: a warning, so the row stays; the rows it flags are masked after the run.
+        severity = "critical" if action == "block" else "warning"
+        for column in (c for c in TEXT_COLUMNS if c in columns):
+            exp.append(_rule(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=phi.PATTERNS[kind],
+                                                                   severity=severity), f"{column}.phi_{kind}"))
+    # Reported only: preprocessing resolves duplicates under a documented rule.
+    exp.append(_rule(gxe.ExpectColumnValuesToBeUnique(column="question", severity="warning"), "question.unique"))
+    return gx.ExpectationSuite(name=SUITE_NAME, expectations=exp)
+
+
+def _tokens(column: str) -> str:
+    return f"_{column}_tokens"
 
 
 @dataclass
@@ -47,27 +83,16 @@ class Validation:
     quarantine: list[dict]
     summary: dict
     gx_result: dict
-
-
-def _wrong_types(rows: list[dict], out: list[dict]) -> list[dict]:
-    good = []
-    for row in rows:
-        bad = [c for c in ("question", "answer") if row.get(c) is not None and not isinstance(row[c], str)]
-        if bad:
-            field = bad[0]
-            out.append(quarantine_record(_public(row), row["_file"], row["_line"], "wrong_type",
-                                         f"field '{field}' is {type(row[field]).__name__}, expected text"))
-        else:
-            good.append(row)
-    return good
-
-
-def _public(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not k.startswith("_")}
+    suite: dict
+    docs_html: str = ""
+    phi_masked: dict = field(default_factory=dict)
 
 
 def run_suite(df: pd.DataFrame, suite: gx.ExpectationSuite):
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (context.data_sources.add_pandas("medtune").add_dataframe_asset("qa")
              .add_batch_definition_whole_dataframe("all"))
     suite = context.suites.add(suite)
@@ -76,30 +101,109 @@ def run_suite(df: pd.DataFrame, suite: gx.ExpectationSuite):
                           result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_ID]})
 
 
-def validate(cfg: DataConfig) -> Validation:
-    ingested: Ingested = ingest(cfg)
-    quarantine = list(ingested.quarantine)
-    rows = _wrong_types(ingested.rows, quarantine)
-    df = pd.DataFrame(rows)
-    if df.empty:
-        raise DataError(_stop_message(cfg, ingested.read, 0, quarantine, "no rows left after decoding"))
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    # object dtype keeps a number in a text column a number, so the type rule can name it.
+    df = pd.DataFrame(rows, dtype=object)
     df[ROW_ID] = range(len(df))
-    result = run_suite(df, build_suite(cfg))
+    return df
 
-    failed_rows: dict[int, str] = {}
+
+def _mask_flagged(df: pd.DataFrame, result) -> dict[str, int]:
+    """Mask personal data in the rows the suite's mask-mode (warning) PHI rules flagged."""
+    counts: Counter = Counter()
+    for res in result.results:
+        exp = res.expectation_config
+        if res.success or exp.severity != "warning" or ".phi_" not in exp.meta["rule"]:
+            continue
+        column, kind = exp.kwargs["column"], exp.meta["rule"].split(".phi_")[1]
+        rows = [int(hit[ROW_ID]) for hit in res.result.get("unexpected_index_list", [])]
+        df.loc[rows, column] = [phi.mask(v, (kind,), counts) for v in df.loc[rows, column]]
+    return dict(counts)
+
+
+def _add_token_counts(df: pd.DataFrame, cfg: DataConfig, tokenizer) -> None:
+    for column in REQUIRED:
+        if not getattr(cfg, f"max_{column}_tokens"):
+            continue
+        if tokenizer is None:
+            raise DataError(f"data.max_{column}_tokens is set but no tokenizer was given to count tokens")
+        texts = [v if isinstance(v, str) else "" for v in df[column]]
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        df[_tokens(column)] = [len(i) if isinstance(v, str) else None for i, v in zip(ids, df[column])]
+
+
+def _failed_rows(result) -> dict[int, tuple[str, str]]:
+    """Row id -> (rule, column) of the first blocking expectation each row fails."""
+    failed: dict[int, tuple[str, str]] = {}
     for res in result.results:
         exp = res.expectation_config
         if res.success or exp.severity == "warning" or "unexpected_index_list" not in res.result:
             continue
-        reason = f"{exp.type}({exp.kwargs.get('column')})"
         for hit in res.result["unexpected_index_list"]:
-            failed_rows.setdefault(int(hit[ROW_ID]), reason)
-    for row_id, reason in sorted(failed_rows.items()):
-        row = rows[row_id]
-        quarantine.append(quarantine_record(_public(row), row["_file"], row["_line"], reason,
-                                            _describe(reason, row, cfg)))
-    kept = df[~df[ROW_ID].isin(failed_rows)].drop(columns=[ROW_ID]).reset_index(drop=True)
+            failed.setdefault(int(hit[ROW_ID]), (exp.meta["rule"], exp.kwargs["column"]))
+    return failed
 
+
+def _scrub_phi(result) -> None:
+    """Personal data must not leak into Data Docs or the report: mask the values GX echoes back."""
+    for res in result.results:
+        if ".phi_" in (res.expectation_config.meta or {}).get("rule", ""):
+            res.result = _mask_tree(res.result)
+
+
+def _mask_tree(node):
+    if isinstance(node, str):
+        return phi.mask(node)
+    if isinstance(node, dict):
+        return {k: _mask_tree(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_mask_tree(v) for v in node]
+    return node
+
+
+def validate(cfg: DataConfig, tokenizer=None) -> Validation:
+    ingested: Ingested = ingest(cfg)
+    quarantine = list(ingested.quarantine)
+    if not ingested.rows:
+        raise DataError(_stop_message(cfg, ingested.read, 0, quarantine, "no rows left after decoding"))
+    df = _frame(ingested.rows)
+    _add_token_counts(df, cfg, tokenizer)
+    suite = build_suite(cfg, set(df.columns))
+    suite_json = suite.to_json_dict()  # before GX attaches ids, so the saved suite is the code's
+    result = run_suite(df, suite)
+    _scrub_phi(result)
+    masked = _mask_flagged(df, result)
+
+    failed = _failed_rows(result)
+    records = df.to_dict(orient="records")
+    for row_id, (rule, column) in sorted(failed.items()):
+        row = records[row_id]
+        quarantine.append(quarantine_record(_public(row), row["_file"], row["_line"], rule,
+                                            _describe(rule, column, row, cfg)))
+    helpers = [c for c in df.columns if c == ROW_ID or c.endswith("_tokens") and c.startswith("_")]
+    kept = df[~df[ROW_ID].isin(failed)].drop(columns=helpers).reset_index(drop=True)
+    summary = _summary(cfg, ingested, kept, quarantine, df, result, masked)
+    log.info("validation of %s: read %d, kept %d, quarantined %d %s", cfg.path, summary["rows_read"],
+             summary["rows_kept"], summary["rows_quarantined"], summary["quarantined_by_rule"])
+    validation = Validation(kept=kept, quarantine=quarantine, summary=summary, gx_result=result.to_json_dict(),
+                            suite=suite_json, docs_html=render_docs(result), phi_masked=masked)
+    if kept.empty or summary["kept_fraction"] < cfg.min_kept_fraction:
+        why = ("no rows passed validation" if kept.empty else
+               f"kept fraction {summary['kept_fraction']:.2f} is under the floor "
+               f"data.min_kept_fraction={cfg.min_kept_fraction}")
+        raise ValidationStopped(_stop_message(cfg, ingested.read, len(kept), quarantine, why), validation)
+    return validation
+
+
+class ValidationStopped(DataError):
+    """A blocking failure after the suite ran: carries the result so the quarantine and docs can be kept."""
+
+    def __init__(self, message: str, validation: Validation):
+        super().__init__(message)
+        self.validation = validation
+
+
+def _summary(cfg, ingested: Ingested, kept, quarantine, df, result, masked) -> dict:
     eligible = ingested.read - sum(q["rule"] in NOT_ELIGIBLE_RULES for q in quarantine)
     summary = {
         "files": ingested.files,
@@ -108,47 +212,94 @@ def validate(cfg: DataConfig) -> Validation:
         "rows_quarantined": len(quarantine),
         "quarantined_by_rule": dict(Counter(q["rule"] for q in quarantine).most_common()),
         "kept_fraction": len(kept) / eligible if eligible else 0.0,
-        "duplicate_questions": int(df["question"].duplicated().sum()),
+        "duplicate_questions": int(df["question"].astype(str).duplicated().sum()),
+        "phi_masked": masked,
         "suite_success": bool(result.success),
     }
     # The invariant an auditor checks first: nothing is silently lost.
-    assert summary["rows_read"] == summary["rows_kept"] + summary["rows_quarantined"]
-    if kept.empty or summary["kept_fraction"] < cfg.min_kept_fraction:
-        raise DataError(_stop_message(cfg, ingested.read, len(kept), quarantine,
-                                      f"kept fraction {summary['kept_fraction']:.2f} is under the floor "
-                                      f"data.min_kept_fraction={cfg.min_kept_fraction}"))
-    return Validation(kept=kept, quarantine=quarantine, summary=summary, gx_result=result.to_json_dict())
+    if summary["rows_read"] != summary["rows_kept"] + summary["rows_quarantined"]:
+        raise AssertionError(f"row accounting broken: {summary}")
+    return summary
 
 
-def _describe(reason: str, row: dict, cfg: DataConfig) -> str:
-    column = reason.split("(")[-1].rstrip(")")
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_") and not _is_missing(v)}
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
+
+
+def _describe(rule: str, column: str, row: dict, cfg: DataConfig) -> str:
     value = row.get(column)
-    if value is None or value == "":
+    check = rule.split(".", 1)[1]
+    if check == "length_tokens":
+        return f"field '{column}' has {row[_tokens(column)]} tokens (bound data.max_{column}_tokens)"
+    if _is_missing(value):
+        return f"field '{column}' is missing"
+    if check == "is_text":
+        return f"field '{column}' is {type(value).__name__}, expected text"
+    if check == "not_blank":
         return f"field '{column}' is empty"
-    return f"field '{column}' has {len(value)} characters (bounds in data.min/max_{column}_chars)"
+    if check == "length_chars":
+        return f"field '{column}' has {len(value)} characters (bounds data.min/max_{column}_chars)"
+    if check == "allowed_values":
+        return f"field '{column}' is {value!r}, not one of data.allowed_values.{column}"
+    if check.startswith("phi_"):
+        kind = check.removeprefix("phi_")
+        return f"field '{column}' contains {kind} (data.phi.{kind}=block): {_excerpt(value, kind)}"
+    return f"field '{column}' failed {rule}"
+
+
+def _excerpt(text: str, kind: str, width: int = 40) -> str:
+    match = re.search(phi.PATTERNS[kind], text)
+    start = max(0, match.start() - width) if match else 0
+    return "..." + phi.mask(text[start:start + 2 * width + 20]) + "..."
 
 
 def _stop_message(cfg: DataConfig, read: int, kept: int, quarantine: list[dict], why: str) -> str:
-    rules = Counter(q["rule"] for q in quarantine).most_common()
     lines = [f"{cfg.path}: validation stopped the run: {why}.",
-             f"  rows read {read}, kept {kept}, quarantined {len(quarantine)}"]
-    for rule, count in rules:
+             f"  rows read {read}, kept {kept}, quarantined {len(quarantine)}; by rule:"]
+    for rule, count in Counter(q["rule"] for q in quarantine).most_common():
         example = next(q for q in quarantine if q["rule"] == rule)
-        where = f"{example['file']}" + (f" line {example['line']}" if example["line"] else "")
+        where = example["file"] + (f" line {example['line']}" if example["line"] else "")
         lines.append(f"  - {rule}: {count} rows, e.g. {where}: {example['detail']}")
+        question = example["row"].get("question")
+        if isinstance(question, str) and ".phi_" not in rule:
+            lines.append(f"      question: {phi.mask(question)[:100]!r}")
     return "\n".join(lines)
 
 
-def write_outputs(result: Validation, data_dir: Path, quarantine_path: Path, report_path: Path) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    result.kept.to_json(data_dir / "rows.jsonl", orient="records", lines=True, force_ascii=False)
-    quarantine_path.parent.mkdir(parents=True, exist_ok=True)
-    with quarantine_path.open("w") as fh:
-        for record in result.quarantine:
-            fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+def render_docs(result) -> str:
+    """GX Data Docs page for this validation, as one self-contained HTML file (styles inlined)."""
+    from great_expectations.render.renderer import ValidationResultsPageRenderer
+    from great_expectations.render.view import DefaultJinjaPageView
+
+    html = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result))
+    css = (resources.files("great_expectations.render.view") / "static/styles/data_docs_default_styles.css")
+    style = f"<style>{css.read_text()}</style>"
+    return re.sub(r'<link[^>]*data_docs_default_styles\.css[^>]*>', lambda _: style, html, count=1)
+
+
+def write_outputs(result: Validation, data_dir: Path, quarantine_path: Path, report_path: Path,
+                  docs_path: Path | None = None) -> None:
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        result.kept.to_json(data_dir / "rows.jsonl", orient="records", lines=True, force_ascii=False)
+    write_quarantine(result.quarantine, quarantine_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps({"summary": result.summary, "great_expectations": result.gx_result},
-                                      indent=2, default=str))
+    report_path.write_text(json.dumps({"summary": result.summary, "suite": result.suite,
+                                       "great_expectations": result.gx_result}, indent=2, default=str))
+    if docs_path is not None:
+        docs_path.parent.mkdir(parents=True, exist_ok=True)
+        docs_path.write_text(result.docs_html)
+
+
+def write_quarantine(records: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
 
 def read_rows(data_dir: Path) -> pd.DataFrame:

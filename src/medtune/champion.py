@@ -1,0 +1,72 @@
+"""Find the current champion: the registered model version carrying the MLflow alias `champion`.
+
+The registered model is a pyfunc (see `medtune.registry`) whose artifacts hold the LoRA adapter and the
+config it was trained with; downloading them gives an adapter directory and the base model it needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from medtune import config as config_mod
+
+ALIAS = "champion"
+
+
+@dataclass
+class Champion:
+    name: str
+    version: str
+    run_id: str | None
+    adapter_dir: Path
+    model: config_mod.ModelConfig | None  # the base model it was trained on (None: not recorded)
+
+    def info(self) -> dict:
+        return {"available": True, "name": self.name, "version": self.version, "run_id": self.run_id,
+                "alias": ALIAS, "base_model": self.model.id if self.model else None, "reason": ""}
+
+
+def _not_found(exc: MlflowException) -> bool:
+    return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower()
+
+
+def lookup(registered_model: str) -> dict:
+    """The champion's version record, or why there is none. Errors other than "not found" propagate."""
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(registered_model, ALIAS)
+    except MlflowException as exc:
+        if _not_found(exc):
+            return {"available": False, "name": registered_model, "version": None, "run_id": None,
+                    "alias": ALIAS, "reason": f"no version of {registered_model} has alias '{ALIAS}'"}
+        raise
+    return {"available": True, "name": registered_model, "version": str(version.version),
+            "run_id": version.run_id or version.tags.get("medtune.run_id"), "alias": ALIAS, "reason": ""}
+
+
+def fetch(registered_model: str, dest: Path) -> tuple[Champion | None, dict]:
+    """Download the champion's adapter and config under `dest`; (None, why) when there is no champion."""
+    info = lookup(registered_model)
+    if not info["available"]:
+        return None, info
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{registered_model}/{info['version']}", dst_path=str(dest)))
+    adapters = sorted(p.parent for p in local.rglob("adapter_config.json"))
+    if not adapters:
+        raise FileNotFoundError(f"{registered_model} version {info['version']}: no adapter_config.json in its "
+                                f"artifacts ({local})")
+    model = None
+    for path in local.rglob("config.json"):
+        tree = json.loads(path.read_text())
+        if isinstance(tree, dict) and isinstance(tree.get("model"), dict) and "train" in tree:
+            # Only the model section is needed; an older config schema must not make the champion unusable.
+            model = config_mod.ModelConfig.model_validate(tree["model"])
+            break
+    champion = Champion(name=registered_model, version=info["version"], run_id=info["run_id"],
+                        adapter_dir=adapters[0], model=model)
+    return champion, champion.info()

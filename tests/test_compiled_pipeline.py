@@ -1,0 +1,234 @@
+"""Golden tests on the committed pipelines/medtune.yaml: what Kubeflow will run, read from the IR itself.
+
+Every expected value comes from the cluster profile (configs/qwen2.5-0.5b-qlora.yaml), so the tests say
+"the compiled YAML does what the profile asks"; one test checks the committed file is a fresh compile.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtune import config as config_mod
+from pipelines import pipeline as pipeline_mod
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILED = ROOT / "pipelines" / "medtune.yaml"
+PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
+TASKS = ("open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push")
+
+
+def _docs(path: Path) -> tuple[dict, dict]:
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def cfg() -> config_mod.Config:
+    return config_mod.load(PROFILE)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    spec, platform = _docs(COMPILED)
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    tasks.update(spec["components"]["comp-condition-1"]["dag"]["tasks"])
+    by_name = {}
+    for name in TASKS:
+        task = tasks[name.replace("_", "-")]
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        by_name[name] = {"task": task, "executor": executor,
+                         "container": spec["deploymentSpec"]["executors"][executor]["container"],
+                         "k8s": platform.get(executor, {})}
+    return {"spec": spec, "tasks": by_name, "text": COMPILED.read_text()}
+
+
+def test_committed_yaml_is_a_fresh_compile(tmp_path):
+    fresh = pipeline_mod.compile_pipeline(PROFILE, tmp_path / "medtune.yaml")
+    assert fresh.read_text() == COMPILED.read_text(), "pipelines/medtune.yaml is stale: run `medtune compile`"
+
+
+def test_gpu_request_selector_and_toleration_only_on_gpu_tasks(compiled, cfg):
+    cluster = cfg.cluster
+    assert set(cluster.gpu_tasks) == {"train", "evaluate"}
+    for name, t in compiled["tasks"].items():
+        resources, k8s = t["container"]["resources"], t["k8s"]
+        if name in cluster.gpu_tasks:
+            assert resources["accelerator"] == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu",
+                                               "type": "nvidia.com/gpu"}
+            assert t["container"]["image"] == cluster.cuda_image
+            assert k8s["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+            assert k8s["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+            expected = cluster.gpu_resources
+        else:
+            assert "accelerator" not in resources, name
+            assert t["container"]["image"] == cluster.cpu_image
+            assert "nodeSelector" not in k8s and "tolerations" not in k8s, name
+            expected = cluster.cpu_resources
+        assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == (expected.cpu, expected.cpu)
+        assert (resources["resourceMemoryRequest"], resources["resourceMemoryLimit"]) == \
+            (expected.memory, expected.memory)
+    assert compiled["tasks"]["train"]["container"]["resources"]["resourceMemoryLimit"] == "48Gi"
+
+
+def test_secrets_are_referenced_by_name_with_no_values(compiled, cfg):
+    mlflow = {"secretName": "medtune-mlflow", "optional": True,
+              "keyToEnv": [{"envVar": "MLFLOW_TRACKING_USERNAME", "secretKey": "username"},
+                           {"envVar": "MLFLOW_TRACKING_PASSWORD", "secretKey": "password"}]}
+    hf = {"secretName": "medtune-hf", "optional": True, "keyToEnv": [{"envVar": "HF_TOKEN", "secretKey": "token"}]}
+    for name, t in compiled["tasks"].items():
+        refs = t["k8s"]["secretAsEnv"]
+        # A reference holds the Secret's name, its keys and env var names: there is no field for a value.
+        assert all(set(ref) == {"secretName", "secretNameParameter", "keyToEnv", "optional"} for ref in refs)
+        assert all(ref["secretNameParameter"] == {"runtimeValue": {"constant": ref["secretName"]}} for ref in refs)
+        found = [{k: ref[k] for k in ("secretName", "optional", "keyToEnv")} for ref in refs]
+        assert found == ([mlflow, hf] if name in pipeline_mod.HUB_TASKS else [mlflow]), name
+        assert "env" not in t["container"], f"{name}: plain env would put values in the YAML"
+    assert not re.search(r"^kind: Secret", compiled["text"], re.M)
+
+
+def test_no_secret_value_reaches_the_compiled_yaml(tmp_path, monkeypatch):
+    sentinels = {"HF_TOKEN": "hf_sentinel_5b1c9e", "MLFLOW_TRACKING_PASSWORD": "mlflow-sentinel-77a1",
+                 "MLFLOW_TRACKING_USERNAME": "user-sentinel-3f0d", "KFP_TOKEN": "kfp-sentinel-91c2"}
+    for key, value in sentinels.items():
+        monkeypatch.setenv(key, value)
+    text = pipeline_mod.compile_pipeline(PROFILE, tmp_path / "p.yaml").read_text()
+    assert not [v for v in sentinels.values() if v in text]
+
+
+def test_retries_and_timeouts_as_configured(compiled, cfg):
+    retries, timeouts = cfg.cluster.retries, cfg.cluster.timeouts_s
+    assert set(retries) == {"validate_data", "preprocess", "train", "register", "push"}
+    for name, t in compiled["tasks"].items():
+        policy = t["task"].get("retryPolicy")
+        if name in retries:
+            r = retries[name]
+            assert policy == {"maxRetryCount": r.retries, "backoffDuration": f"{r.backoff_s}s",
+                              "backoffFactor": r.backoff_factor, "backoffMaxDuration": f"{r.backoff_max_s}s"}
+        else:
+            assert policy is None, name
+        assert int(t["k8s"]["activeDeadlineSeconds"]) == timeouts[name]
+    assert compiled["tasks"]["push"]["task"]["retryPolicy"]["maxRetryCount"] == 3
+    assert int(compiled["tasks"]["train"]["k8s"]["activeDeadlineSeconds"]) == 6 * 3600
+
+
+def test_caching_on_for_data_steps_off_for_the_rest(compiled):
+    cached = {name for name, t in compiled["tasks"].items()
+              if t["task"].get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"validate_data", "preprocess"}
+    assert compiled["tasks"]["train"]["task"]["cachingOptions"] == {}
+    assert compiled["tasks"]["push"]["task"]["cachingOptions"] == {}
+
+
+def test_register_and_push_sit_inside_the_gate_branch(compiled):
+    spec = compiled["spec"]
+    root = spec["root"]["dag"]["tasks"]
+    assert not {"register", "push"} & set(root)
+    condition = root["condition-1"]
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
+    assert condition["inputs"]["parameters"]["pipelinechannel--gate-passed"]["taskOutputParameter"] == \
+        {"outputParameterKey": "passed", "producerTask": "gate"}
+    assert set(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == {"register", "push"}
+    # The DAG order: each step consumes the previous one's outputs.
+    assert set(root["train"]["dependentTasks"]) >= {"preprocess"}
+    assert set(root["evaluate"]["dependentTasks"]) >= {"train", "preprocess"}
+    assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "train"}
+
+
+def test_model_cache_pvc_at_model_cache_dir_on_model_tasks(compiled, cfg):
+    assert cfg.model.cache_dir == "/models"
+    for name, t in compiled["tasks"].items():
+        mounts = [(m["constant"], m["mountPath"], m.get("subPath", "")) for m in t["k8s"].get("pvcMount", [])]
+        if name in ("preprocess", "train", "evaluate"):
+            assert mounts == [("medtune-model-cache", "/models", ""),
+                              ("medtune-model-cache", pipeline_mod.HF_CACHE, "huggingface")]
+        else:
+            assert mounts == [], name
+
+
+def test_display_names(compiled):
+    assert compiled["tasks"]["train"]["task"]["taskInfo"]["name"] == "Train LoRA/QLoRA adapter"
+    assert {t["task"]["taskInfo"]["name"] for t in compiled["tasks"].values()} == set(pipeline_mod.DISPLAY_NAMES.values())
+
+
+def test_default_config_parameter_is_the_profile(compiled, cfg):
+    default = compiled["spec"]["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
+    assert config_mod.from_json(default) == cfg
+
+
+def test_images_pinned_by_digest_when_the_profile_has_one(tmp_path):
+    digest = "sha256:" + "ab" * 32
+    tree = yaml.safe_load(PROFILE.read_text())
+    tree["cluster"]["cuda_image"] = f"registry.example:5000/ml/medtune-cuda:0.1.0-abc123@{digest}"
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump(tree))
+    spec, _ = _docs(pipeline_mod.compile_pipeline(profile, tmp_path / "p.yaml"))
+    images = {k: v["container"]["image"] for k, v in spec["deploymentSpec"]["executors"].items()}
+    assert images["exec-train"] == images["exec-evaluate"] == f"registry.example:5000/ml/medtune-cuda:0.1.0-abc123@{digest}"
+    assert images["exec-gate"] == "ghcr.io/medtune/medtune-cpu:0.1.0"
+
+
+@pytest.mark.parametrize("ref", ["ghcr.io/medtune/medtune-cuda", "ghcr.io/medtune/medtune-cuda:latest",
+                                 "ghcr.io/medtune/medtune-cuda:1.0@sha256:abc"])
+def test_unpinned_images_are_refused(ref):
+    with pytest.raises(config_mod.ConfigError, match="cuda_image"):
+        config_mod.from_dict({**yaml.safe_load(PROFILE.read_text()), "cluster": {"cuda_image": ref}})
+
+
+def test_gpu_limit_zero_keeps_every_task_on_the_cpu_pool(tmp_path):
+    tree = yaml.safe_load(PROFILE.read_text())
+    tree["cluster"]["gpu_limit"] = 0
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump(tree))
+    spec, platform = _docs(pipeline_mod.compile_pipeline(profile, tmp_path / "p.yaml"))
+    assert "nvidia.com/gpu" not in json.dumps(spec["deploymentSpec"]) + json.dumps(platform)
+
+
+def test_relative_cache_dir_is_refused_for_the_cluster(tmp_path):
+    tree = yaml.safe_load(PROFILE.read_text())
+    tree["model"]["cache_dir"] = "~/.cache/medtune/models"
+    with pytest.raises(ValueError, match="absolute path"):
+        pipeline_mod.build(config_mod.from_dict(tree))
+
+
+def test_local_runner_runs_tasks_placed_for_the_cluster(tmp_path):
+    """kfp.local must accept every setting `place` adds: it ignores the Kubernetes ones (GPU, selectors,
+    tolerations, PVCs, Secrets, timeouts, images) and honours retries. Two trivial components stand in for
+    the real steps so this runs in seconds; the first fails once and succeeds on its retry."""
+    from kfp import compiler, components, dsl, local
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def flaky(marker: str) -> str:
+        from pathlib import Path
+
+        path = Path(marker)
+        if not path.exists():
+            path.write_text("failed once")
+            raise RuntimeError("transient failure")
+        return "ok"
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def echo(text: str) -> str:
+        return text + "!"
+
+    cfg = config_mod.load(PROFILE)
+    retry = config_mod.RetryPolicy(retries=1, backoff_s=0)
+    cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"retries": {"train": retry}})})
+
+    @dsl.pipeline(name="placed")
+    def placed(marker: str) -> str:
+        first = flaky(marker=marker)
+        second = echo(text=first.output)
+        pipeline_mod.place({"train": first, "push": second}, cfg)
+        return second.output
+
+    package = tmp_path / "placed.yaml"
+    compiler.Compiler().compile(placed, str(package))
+    text = package.read_text()
+    assert "secretAsEnv" in text and "pvcMount" in text and "nvidia.com/gpu" in text
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    task = components.load_component_from_file(str(package))(marker=str(tmp_path / "marker"))
+    assert task.output == "ok!"
+    assert (tmp_path / "marker").read_text() == "failed once"

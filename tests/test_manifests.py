@@ -1,0 +1,260 @@
+"""manifests/: rendered the way `kustomize build` would, then validated against Kubernetes' own schemas.
+
+No `kustomize` binary installs from the package registries this project uses (PyPI's kustomize bindings
+need Python 3.14; Debian's kubectl is 1.20 with kustomize v2), so `render` below applies the handful of
+kustomization fields these manifests use (resources, namespace, labels, images) and refuses any other
+field, so a kustomization that grows past it fails here instead of being rendered wrong. When a real
+`kustomize` is on PATH, the last test checks this renderer against it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from medtune import config as config_mod
+from medtune import kubeflow
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
+K8S_VERSIONS = ("1.29.0", "1.33.0", "1.37.0")  # oldest and newest schemas kubernetes-validate ships, and one between
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+SUPPORTED_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images"}
+
+
+def render(directory: Path) -> list[dict]:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(kustomization) - SUPPORTED_FIELDS
+    assert not unknown, f"{directory}: the test renderer does not implement {unknown}"
+    objects: list[dict] = []
+    for entry in kustomization.get("resources", []):
+        path = directory / entry
+        objects += render(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    namespace = kustomization.get("namespace")
+    for obj in objects:
+        if namespace and obj["kind"] not in CLUSTER_SCOPED:
+            obj["metadata"]["namespace"] = namespace
+            for subject in obj.get("subjects", []):
+                if subject.get("kind") == "ServiceAccount":
+                    subject["namespace"] = namespace
+        for group in kustomization.get("labels", []):
+            obj["metadata"].setdefault("labels", {}).update(group["pairs"])
+        for image in kustomization.get("images", []):
+            for container in _containers(obj):
+                name, _, _ = container["image"].partition(":")
+                if name == image["name"]:
+                    container["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+    return objects
+
+
+def _containers(obj: dict) -> list[dict]:
+    spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+    return spec.get("containers", []) + spec.get("initContainers", [])
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[tuple[str, str], dict]:
+    objects = render(MANIFESTS)
+    keyed = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    assert len(keyed) == len(objects), "two objects share a kind and name"
+    return keyed
+
+
+def test_every_object_is_valid_for_kubernetes(rendered):
+    for obj in rendered.values():
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_validator_catches_a_broken_object(rendered):
+    broken = yaml.safe_load(yaml.safe_dump(rendered[("Deployment", "mlflow")]))
+    broken["spec"]["template"]["spec"]["containers"][0]["port"] = 5000  # a typo for `ports`
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def test_the_inventory(rendered):
+    assert set(rendered) == {
+        ("Namespace", "medtune"), ("PersistentVolumeClaim", "mlflow-data"), ("Deployment", "mlflow"),
+        ("Service", "mlflow"), ("ServiceAccount", "medtune-pipeline-runner"), ("Role", "medtune-pipeline-runner"),
+        ("RoleBinding", "medtune-pipeline-runner"), ("PersistentVolumeClaim", "medtune-model-cache"),
+        ("Job", "medtune-model-cache-init"),
+    }
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "medtune" for o in rendered.values())
+
+
+def test_names_match_the_cluster_profile(rendered):
+    cfg = config_mod.load(PROFILE)
+    runs_ns = rendered[("ServiceAccount", cfg.cluster.service_account)]["metadata"]["namespace"]
+    assert runs_ns == "kubeflow"  # where standalone KFP runs pipelines
+    assert rendered[("PersistentVolumeClaim", cfg.cluster.model_cache_pvc)]["metadata"]["namespace"] == runs_ns
+    binding = rendered[("RoleBinding", "medtune-pipeline-runner")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": cfg.cluster.service_account,
+                                    "namespace": runs_ns}]
+    assert binding["roleRef"]["name"] == rendered[("Role", "medtune-pipeline-runner")]["metadata"]["name"]
+    # tracking.tracking_uri is the MLflow Service's cluster DNS name and port.
+    service = rendered[("Service", "mlflow")]
+    assert cfg.tracking.tracking_uri == \
+        f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:" \
+        f"{service['spec']['ports'][0]['port']}"
+    deployment = rendered[("Deployment", "mlflow")]
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert f"mlflow.medtune.svc.cluster.local:{service['spec']['ports'][0]['port']}" in \
+        env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
+
+
+def test_mlflow_server_runs_non_root_on_its_volume(rendered):
+    deployment = rendered[("Deployment", "mlflow")]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["fsGroup"] == 1000
+    container = pod["containers"][0]
+    assert container["image"] == config_mod.load(PROFILE).cluster.cpu_image
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert {"name": "data", "mountPath": "/mlflow"} in container["volumeMounts"]
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "mlflow-data"
+    backend = next(e for e in container["env"] if e["name"] == "MLFLOW_BACKEND_STORE_URI")
+    assert backend["valueFrom"]["secretKeyRef"] == {"name": "mlflow-backend", "key": "uri", "optional": True}
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_runner_role_grants_no_wildcards(rendered):
+    rules = rendered[("Role", "medtune-pipeline-runner")]["rules"]
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
+    granted = {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+    assert ("argoproj.io", "workflowtaskresults", "create") in granted
+    assert ("", "configmaps", "get") in granted
+    assert not any(res == "secrets" and v != "get" for _, res, v in granted)
+
+
+def test_secret_templates_are_valid_hold_no_values_and_are_not_applied(rendered):
+    templates = sorted((MANIFESTS / "secrets").glob("*.yaml"))
+    assert {p.stem for p in templates} == {"hf-token", "mlflow-credentials", "mlflow-backend"}
+    cfg = config_mod.load(PROFILE)
+    names = set()
+    for path in templates:
+        secret = yaml.safe_load(path.read_text())
+        kubernetes_validate.validate(secret, K8S_VERSIONS[-1], strict=True)
+        assert "data" not in secret and all(value == "" for value in secret["stringData"].values()), path
+        names.add(secret["metadata"]["name"])
+    assert {cfg.cluster.hf_secret, cfg.cluster.mlflow_secret} <= names
+    assert not any(kind == "Secret" for kind, _ in rendered)  # an apply -k must not blank real values
+
+
+def test_recurring_run_definition_is_what_schedule_reads():
+    spec = kubeflow.load_schedule(MANIFESTS / "recurring-run.yaml")
+    assert spec.cron == "0 0 3 * * 1" and spec.max_concurrency == 1 and spec.no_catchup
+    assert (ROOT / spec.profile).resolve() == PROFILE
+
+
+@pytest.mark.skipif(shutil.which("kustomize") is None, reason="no kustomize binary on PATH (see module docstring)")
+def test_renderer_agrees_with_kustomize(rendered):
+    out = subprocess.run(["kustomize", "build", str(MANIFESTS)], capture_output=True, text=True, check=True).stdout
+    real = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(out) if o}
+    assert real == rendered
+
+
+# --- images/: no Docker daemon here, so the Dockerfiles are checked statically and build.sh by --dry-run.
+
+IMAGES = ROOT / "images"
+DOCKERFILES = {"cpu": IMAGES / "Dockerfile.cpu", "cuda": IMAGES / "Dockerfile.cuda"}
+
+
+def _args(dockerfile: Path) -> dict[str, str]:
+    import re
+
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile.read_text(), re.M))
+
+
+def _pins(path: Path) -> dict[str, str]:
+    import re
+
+    return {m[1].lower().replace("_", "-"): m[2]
+            for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", path.read_text(), re.M)}
+
+
+@pytest.mark.parametrize("variant", DOCKERFILES)
+def test_dockerfile_base_is_pinned_and_locked(variant):
+    import re
+
+    text = DOCKERFILES[variant].read_text()
+    base = _args(DOCKERFILES[variant])["BASE_IMAGE"]
+    assert re.search(r":\d+\.\d+\.\d+-", base), f"{base}: pin an exact release, not a floating tag"
+    assert re.findall(r"^FROM (.+)$", text, re.M) == ["${BASE_IMAGE}"]
+    locked = dict(line.split() for line in (IMAGES / "bases.lock").read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
+    assert base in locked
+    assert locked[base] == "-" or re.fullmatch(r"sha256:[0-9a-f]{64}", locked[base])
+
+
+@pytest.mark.parametrize("variant", DOCKERFILES)
+def test_dockerfile_runs_as_non_root_with_the_pipeline_paths(variant):
+    import re
+
+    text = DOCKERFILES[variant].read_text()
+    users = re.findall(r"^USER (.+)$", text, re.M)
+    assert users == ["1000:1000"], "one numeric non-root USER, so runAsNonRoot can verify it"
+    assert "useradd --uid 1000 --gid 1000" in text
+    assert "HOME=/home/medtune" in text
+    from pipelines.pipeline import HF_CACHE
+
+    assert HF_CACHE.startswith("/home/medtune/") and HF_CACHE in text  # created and owned by the user
+    assert config_mod.load(PROFILE).model.cache_dir in text.split()  # /models exists for the PVC mount
+
+
+@pytest.mark.parametrize("variant,index", [("cpu", "https://download.pytorch.org/whl/cpu"),
+                                           ("cuda", "https://download.pytorch.org/whl/cu130")])
+def test_dockerfile_installs_torch_from_its_index_and_everything_under_constraints(variant, index):
+    import re
+
+    text = DOCKERFILES[variant].read_text()
+    args = _args(DOCKERFILES[variant])
+    assert args["TORCH_INDEX"] == index and index.endswith(args["TORCH_VARIANT"])
+    assert args["TORCH_VERSION"] == _pins(IMAGES / "constraints.txt")["torch"]
+    installs = re.findall(r"pip install[^\n]*", text)
+    assert len(installs) == 2 and all("-c /tmp/constraints.txt" in line for line in installs)
+    assert '"torch==${TORCH_VERSION}+${TORCH_VARIANT}"' in text
+    assert "COPY images/constraints.txt /tmp/constraints.txt" in text
+    assert f"ARG MEDTUNE_VERSION={_project_version()}" in text
+
+
+def _project_version() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_constraints_pin_every_dependency_at_the_tested_versions():
+    import re
+    import tomllib
+
+    pins = _pins(IMAGES / "constraints.txt")
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", d)[0].lower().replace("_", "-") for d in deps}
+    assert names <= set(pins), f"not pinned: {names - set(pins)} (run `make constraints`)"
+    tested = _pins(ROOT / "requirements.lock")
+    drift = {n: (pins[n], tested[n]) for n in set(pins) & set(tested) if pins[n] != tested[n]}
+    assert not drift, f"images/constraints.txt differs from requirements.lock: {drift}"
+
+
+def test_build_script_tags_version_and_git_sha():
+    import re
+
+    env = {"PATH": "/usr/bin:/bin", "REGISTRY": "registry.example/ml", "HOME": str(ROOT)}
+    out = subprocess.run(["bash", str(IMAGES / "build.sh"), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    builds = [line for line in out.splitlines() if " build " in line]
+    assert len(builds) == 2
+    version = _project_version()
+    for variant, line in zip(("cpu", "cuda"), builds):
+        assert f"--file images/Dockerfile.{variant}" in line
+        assert f"--tag registry.example/ml/medtune-{variant}:{version} " in line
+        assert re.search(rf"--tag registry\.example/ml/medtune-{variant}:{version}-[0-9a-f]{{12}}(-dirty)? ", line)
+        assert re.search(r"--build-arg GIT_SHA=[0-9a-f]{40} ", line)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^images:.*\n\t.*images/build\.sh$", makefile, re.M)
