@@ -62,7 +62,7 @@ def build(default_config: config_mod.Config):
                           validation_split=splits.outputs["validation_split"], adapter=trained.outputs["adapter"])
         verdict = gate(config=config, run_id=run_id, comparison=scored.outputs["comparison"],
                        history=trained.outputs["history"], predictions=scored.outputs["predictions"])
-        with dsl.If(verdict.outputs["passed"] == True):  # noqa: E712 (KFP builds a condition from ==)
+        with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712 (KFP builds a condition from ==)
             registered = register(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
                                   decision=verdict.outputs["decision"])
             pushed = push(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
@@ -70,7 +70,7 @@ def build(default_config: config_mod.Config):
 
         place({"open_run": run, "validate_data": data, "preprocess": splits, "train": trained,
                "evaluate": scored, "gate": verdict, "register": registered, "push": pushed}, default_config)
-        return Outputs(run_id=run_id, passed=verdict.outputs["passed"], decision=verdict.outputs["decision"],
+        return Outputs(run_id=run_id, passed=verdict.outputs["Output"], decision=verdict.outputs["decision"],
                        report=verdict.outputs["report"], adapter=trained.outputs["adapter"],
                        comparison=scored.outputs["comparison"])
 
@@ -101,6 +101,8 @@ def place(tasks: dict, cfg: config_mod.Config) -> None:
                                          secret_key_to_env={HF_TOKEN_KEY: cfg.hub.token_env}, optional=True)
         if name in MODEL_TASKS:
             mount_model_cache(task, cluster.model_cache_pvc, cfg.model.cache_dir)
+        if name == "validate_data" and cluster.data_pvc:
+            kubernetes.mount_pvc(task, pvc_name=cluster.data_pvc, mount_path=cluster.data_mount)
 
 
 def on_gpu_pool(task, cluster: config_mod.ClusterConfig) -> None:

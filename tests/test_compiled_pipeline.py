@@ -137,13 +137,16 @@ def test_register_and_push_sit_inside_the_gate_branch(compiled):
     assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "train"}
 
 
-def test_model_cache_pvc_at_model_cache_dir_on_model_tasks(compiled, cfg):
+def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
     assert cfg.model.cache_dir == "/models"
+    assert cfg.data.path.startswith(cfg.cluster.data_mount + "/")  # the data PVC holds data.path
     for name, t in compiled["tasks"].items():
         mounts = [(m["constant"], m["mountPath"], m.get("subPath", "")) for m in t["k8s"].get("pvcMount", [])]
         if name in ("preprocess", "train", "evaluate"):
             assert mounts == [("medtune-model-cache", "/models", ""),
                               ("medtune-model-cache", pipeline_mod.HF_CACHE, "huggingface")]
+        elif name == "validate_data":
+            assert mounts == [("medtune-data", "/data", "")]
         else:
             assert mounts == [], name
 

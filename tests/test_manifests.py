@@ -84,7 +84,7 @@ def test_the_inventory(rendered):
         ("Namespace", "medtune"), ("PersistentVolumeClaim", "mlflow-data"), ("Deployment", "mlflow"),
         ("Service", "mlflow"), ("ServiceAccount", "medtune-pipeline-runner"), ("Role", "medtune-pipeline-runner"),
         ("RoleBinding", "medtune-pipeline-runner"), ("PersistentVolumeClaim", "medtune-model-cache"),
-        ("Job", "medtune-model-cache-init"),
+        ("PersistentVolumeClaim", "medtune-data"), ("Job", "medtune-model-cache-init"),
     }
     assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "medtune" for o in rendered.values())
 
@@ -94,6 +94,7 @@ def test_names_match_the_cluster_profile(rendered):
     runs_ns = rendered[("ServiceAccount", cfg.cluster.service_account)]["metadata"]["namespace"]
     assert runs_ns == "kubeflow"  # where standalone KFP runs pipelines
     assert rendered[("PersistentVolumeClaim", cfg.cluster.model_cache_pvc)]["metadata"]["namespace"] == runs_ns
+    assert rendered[("PersistentVolumeClaim", cfg.cluster.data_pvc)]["metadata"]["namespace"] == runs_ns
     binding = rendered[("RoleBinding", "medtune-pipeline-runner")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": cfg.cluster.service_account,
                                     "namespace": runs_ns}]

@@ -174,7 +174,7 @@ def evaluate_cmd(data: Path = typer.Option(..., "--data", help="Dataset the inge
         table.add_column(column)
     for row in report.metric_rows(comparison):
         table.add_row(*row)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # pipes get the full table
     for line in [*(summary["headline"] or []), f"champion: {comparison['champion_info'].get('version') or 'none'}"
                  f" {comparison['champion_info'].get('reason') or ''}".rstrip()]:
         print(line)
@@ -222,23 +222,58 @@ def verify(run: str = typer.Argument(..., help="Output directory or run id that 
 
 
 @data_app.command("validate")
-def data_validate(path: Path, config: Path = ConfigOpt, set_: list[str] = SetOpt,
-                  out: Path = typer.Option(None, help="Folder for the quarantine and validation report.")):
+def data_validate(path: str = typer.Argument(..., help="File, folder, MedQuAD folder/archive or hf://owner/name."),
+                  config: Path = ConfigOpt, set_: list[str] = SetOpt,
+                  out: Path = typer.Option(None, help="Folder for quarantine, report and Data Docs "
+                                                      "(default: medtune-validation/ next to PATH).")):
     """Ingest and validate PATH; print counts; exit 1 with the reason on a blocking failure."""
     from medtune import validate
+    from medtune.ingest import HF_PREFIX
 
-    cfg = _load(config, [*set_, f"data.path={path.resolve()}"])
-    out = out or (path.parent if path.is_file() else path) / "medtune-validation"
     try:
-        result = validate.validate(cfg.data)
+        cfg = config_mod.load(config, set_)
+    except config_mod.ConfigError as exc:
+        _fail(str(exc))
+    local = not path.startswith(HF_PREFIX)
+    data_path = str(Path(path).expanduser().resolve()) if local else path
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})
+    if out is None:
+        base = Path(data_path) if local else Path.cwd()
+        out = (base.parent if base.is_file() else base) / "medtune-validation"
+    try:
+        result = validate.validate(cfg.data, _data_tokenizer(cfg))
+    except validate.ValidationStopped as stop:
+        _write_validation(stop.validation, out)
+        _fail(f"{stop}\nquarantine, report and Data Docs in {out}", code=1)
     except DataError as exc:
         _fail(str(exc), code=1)
-    validate.write_outputs(result, out / "kept", out / "quarantine.jsonl", out / "validation.json")
+    _write_validation(result, out)
     s = result.summary
-    console.print(f"rows read {s['rows_read']}, kept {s['rows_kept']}, quarantined {s['rows_quarantined']}")
+    print(f"rows read {s['rows_read']}, kept {s['rows_kept']}, quarantined {s['rows_quarantined']}")
     for rule, count in s["quarantined_by_rule"].items():
-        console.print(f"  {rule}: {count}")
-    console.print(f"quarantine and report in {out}")
+        print(f"  {rule}: {count}")
+    if s["phi_masked"]:
+        print(f"  personal data masked: {s['phi_masked']}")
+    print(f"quarantine, report and Data Docs in {out}")
+
+
+def _data_tokenizer(cfg: config_mod.Config):
+    if not (cfg.data.max_question_tokens or cfg.data.max_answer_tokens):
+        return None
+    from medtune import models
+
+    try:
+        return models.load_tokenizer(cfg.model)
+    except (OSError, ValueError) as exc:
+        _fail(f"token bounds are set (data.max_*_tokens) but the tokenizer of model.id={cfg.model.id} "
+              f"cannot be loaded: {exc}")
+
+
+def _write_validation(result, out: Path) -> None:
+    from medtune import validate
+
+    validate.write_outputs(result, out / "kept", out / "quarantine.jsonl", out / "validation.json",
+                           out / "data_docs.html")
 
 
 def main() -> None:  # pragma: no cover - entry point for `python -m medtune.cli`

@@ -110,30 +110,64 @@ class LoraSettings(Strict):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): magnitude + direction, slower steps.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
 
 
 class QuantSettings(Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # auto: bfloat16 on GPUs that have it, and on CPUs with native bf16 (AVX512-BF16/AMX); float32 elsewhere.
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
 class TrainConfig(Strict):
-    method: Literal["lora", "qlora"] = "lora"
+    method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSettings = LoraSettings()
     quantization: QuantSettings = QuantSettings()
-    dtype: Literal["bfloat16", "float16", "float32"] = "float32"
+    freeze_layers: int = Field(0, ge=0, description="method=full: freeze the embeddings and the first N decoder "
+                                                    "layers (the feature-based variant).")
+    # auto: bfloat16 weights where matmuls are fast in bf16 (recent GPUs, CPUs with AVX512-BF16/AMX), else float32.
+    # On a CPU without native bf16 a bf16 matmul is several times slower than float32.
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, description="-1 trains for `epochs`; a positive value caps the steps.")
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
     gradient_checkpointing: bool = False
+    padding_free: bool = Field(True, description="Concatenate each batch into one row (no pad tokens computed).")
+    packing: bool = Field(False, description="TRL best-fit packing into preprocess.max_tokens rows; batch_size "
+                                             "then counts packed rows.")
+    completion_only_loss: bool = Field(True, description="Loss on the answer tokens only (prompt masked).")
     logging_steps: int = Field(5, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; None: once per epoch.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations without a lower validation loss.")
+    checkpoint_steps: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps; 0: never.")
+    checkpoint_dir: str | None = Field(
+        None, description="Root for checkpoints (a PVC on the cluster); None: the step's work dir (no resume).")
+    keep_checkpoints: int = Field(2, ge=1)
+    divergence_factor: float = Field(
+        4.0, gt=1.0, description="Stop as a learning-rate explosion when the loss exceeds this multiple of its "
+                                 "lowest value so far.")
+    export_merged: bool = Field(False, description="Also save the adapter folded into the base weights.")
+    merge_tolerance: float = Field(1e-3, gt=0, description="Max |logit| difference merged vs base+adapter.")
+    peak_tflops: float | None = Field(None, gt=0, description="Device peak for MFU; None: a table (GPU) or a "
+                                                              "quick matmul probe (CPU).")
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> TrainConfig:
+        if self.freeze_layers and self.method != "full":
+            raise ValueError("train.freeze_layers applies to method=full only")
+        if self.packing and not self.padding_free:
+            raise ValueError("train.packing needs train.padding_free=true (TRL packs into padding-free rows)")
+        return self
 
 
 class EvalConfig(Strict):
@@ -247,6 +281,9 @@ class ClusterConfig(Strict):
     cpu_resources: Resources = Resources(cpu="2", memory="8Gi")
     cpu_node_selector: dict[str, str] = Field({}, description="Optional pool for the CPU tasks.")
     model_cache_pvc: str = Field("medtune-model-cache", description="Mounted at model.cache_dir on model tasks.")
+    data_pvc: str | None = Field("medtune-data", description="Mounted at data_mount on validate_data; None for "
+                                 "hf:// data or data baked into the image.")
+    data_mount: str = "/data"
     # Secret names only; the keys are fixed: <hf_secret>.token -> $<hub.token_env>,
     # <mlflow_secret>.username/.password -> $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD.
     hf_secret: str | None = "medtune-hf"

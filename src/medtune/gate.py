@@ -62,7 +62,8 @@ def decide(policy: GateConfig, comparison: dict) -> dict:
     base, candidate = comparison.get("base"), comparison.get("candidate")
     champion = comparison.get("champion")
     champion_info = comparison.get("champion_info") or {}
-    ci = (comparison.get("ci") or {}).get("candidate_vs_base") or {}
+    # No candidate, no interval: every check of a missing candidate fails.
+    ci = ((comparison.get("ci") or {}).get("candidate_vs_base") or {}) if candidate is not None else {}
     checks = []
     for rule in policy.rules:
         m = rule.metric
@@ -87,7 +88,7 @@ def decide(policy: GateConfig, comparison: dict) -> dict:
                                  "candidate vs base"))
         if rule.max_regression is not None:
             text = f"{m} regression vs champion ({better} is better) <= {rule.max_regression}"
-            if champion is None:
+            if champion is None and candidate is not None:
                 checks.append(_not_applicable(m, "max_regression", text, "<=", rule.max_regression,
                                               champion_info.get("reason") or "no champion registered"))
             else:

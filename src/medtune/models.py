@@ -114,28 +114,68 @@ def _revision(cfg: ModelConfig) -> str | None:
     return cfg.revision if cfg.source == "hub" else None
 
 
+def native_bf16(dev: torch.device | None = None) -> bool:
+    """Whether bf16 matmuls run at least as fast as float32 here (not emulated)."""
+    dev = dev or device()
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # oneDNN takes its bf16 path only with AVX512-BF16/AMX (or AVX512 emulation); elsewhere (e.g. AVX2-only
+    # CPUs) a bf16 Linear is several times slower than float32, so "auto" must not pick it.
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """A config dtype name as a torch dtype; "auto" is bfloat16 where that is native, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    return DTYPES[name]
+
+
+def compute_dtype(train: TrainConfig) -> torch.dtype:
+    """The dtype the matmuls run in: the 4-bit compute dtype for QLoRA, the weight dtype otherwise."""
+    return resolve_dtype(train.quantization.compute_dtype if train.method == "qlora" else train.dtype)
+
+
 def bnb_config(q: QuantSettings):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[q.compute_dtype])
+                              bnb_4bit_compute_dtype=resolve_dtype(q.compute_dtype))
 
 
-def load_model(cfg: ModelConfig, train: TrainConfig):
-    """The base model as `train.method` wants it: full precision for LoRA, 4-bit for QLoRA."""
+def load_model(cfg: ModelConfig, train: TrainConfig, quantize: bool = True):
+    """The base model as `train.method` wants it: 4-bit for QLoRA (unless quantize=False), else `train.dtype`."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"revision": _revision(cfg)}
-    if train.method == "qlora":
+    if train.method == "qlora" and quantize:
         kwargs["quantization_config"] = bnb_config(train.quantization)
-        kwargs["dtype"] = DTYPES[train.quantization.compute_dtype]
+        kwargs["dtype"] = resolve_dtype(train.quantization.compute_dtype)
         kwargs["device_map"] = {"": str(device())}  # 4-bit weights are placed at load time, not moved later
     else:
-        kwargs["dtype"] = DTYPES[train.dtype]
+        kwargs["dtype"] = compute_dtype(train) if train.method == "qlora" else resolve_dtype(train.dtype)
     model = AutoModelForCausalLM.from_pretrained(resolve(cfg), **kwargs)
     model.config.use_cache = False
     return model
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_trained(cfg: ModelConfig, train: TrainConfig, trained_dir: str | Path):
+    """What `train` produced, ready for inference: base + adapter (lora/qlora) or the full model (method=full)."""
+    if is_adapter_dir(trained_dir):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(cfg, train).to(device()), str(trained_dir))
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=resolve_dtype(train.dtype)).to(device())
 
 
 def device() -> torch.device:

@@ -23,19 +23,47 @@ def open_run(config_json: str, pipeline_run: str) -> str:
     return tracking.open_run(_cfg(config_json), pipeline_run)
 
 
-def validate_data(config_json: str, run_id: str, data_dir: str, quarantine_path: str, report_path: str) -> dict:
+def validate_data(config_json: str, run_id: str, data_dir: str, quarantine_path: str, report_path: str,
+                  docs_path: str | None = None) -> dict:
     from medtune import validate
 
     cfg = _cfg(config_json)
     with tracking.step(cfg, run_id, "validate_data"):
-        result = validate.validate(cfg.data)
-        validate.write_outputs(result, Path(data_dir), Path(quarantine_path), Path(report_path))
-        counts = {k: result.summary[k] for k in ("rows_read", "rows_kept", "rows_quarantined", "kept_fraction")}
-        mlflow.log_metrics(counts)
-        mlflow.log_artifact(report_path, "validation")
-        mlflow.log_artifact(quarantine_path, "validation")
+        try:
+            result = validate.validate(cfg.data, _data_tokenizer(cfg))
+        except validate.ValidationStopped as stop:
+            # The run stops, but with its evidence: quarantine, report and Data Docs are still logged.
+            _log_validation(stop.validation, None, quarantine_path, report_path, docs_path)
+            raise
+        counts = _log_validation(result, data_dir, quarantine_path, report_path, docs_path)
     tracking.log_parent_metrics(run_id, counts, "data.")
     return result.summary
+
+
+def _data_tokenizer(cfg: config_mod.Config):
+    """The base model's tokenizer, loaded only when the data contract has token bounds."""
+    if not (cfg.data.max_question_tokens or cfg.data.max_answer_tokens):
+        return None
+    from medtune import models
+
+    return models.load_tokenizer(cfg.model)
+
+
+def _log_validation(result, data_dir: str | None, quarantine_path: str, report_path: str,
+                    docs_path: str | None) -> dict:
+    from medtune import validate
+
+    validate.write_outputs(result, Path(data_dir) if data_dir else None, Path(quarantine_path), Path(report_path),
+                           Path(docs_path) if docs_path else None)
+    counts = {k: result.summary[k] for k in ("rows_read", "rows_kept", "rows_quarantined", "kept_fraction")}
+    mlflow.log_metrics(counts)
+    mlflow.log_metrics({f"quarantined.{rule}": n for rule, n in result.summary["quarantined_by_rule"].items()})
+    mlflow.log_dict(result.suite, "validation/expectation_suite.json")
+    mlflow.log_artifact(report_path, "validation")
+    mlflow.log_artifact(quarantine_path, "validation")
+    if docs_path:
+        mlflow.log_text(result.docs_html, "validation/data_docs.html")
+    return counts
 
 
 def preprocess(config_json: str, run_id: str, data_dir: str, split_dirs: dict[str, str], summary_path: str) -> dict:
@@ -49,14 +77,31 @@ def preprocess(config_json: str, run_id: str, data_dir: str, split_dirs: dict[st
         prepared = prep.prepare(read_rows(Path(data_dir)), tokenizer, cfg.preprocess)
         for name, df in prepared.splits.items():
             prep.write_split(df, Path(split_dirs[name]))
-            mlflow.log_input(mlflow.data.from_pandas(df.drop(columns=["n_tokens"]), name=f"medqa-{name}",
-                                                     digest=prepared.summary["splits"][name]["fingerprint"][:32]),
-                             context=name)
-        Path(summary_path).write_text(json.dumps({**prepared.summary, "dropped": prepared.dropped}, indent=2,
-                                                 default=str))
+            split = prepared.summary["splits"][name]
+            # digest: the split's sha256 (MLflow keeps 36 characters); the full value is a tag
+            mlflow.log_input(mlflow.data.from_pandas(df.drop(columns=["n_tokens"]), source=_data_source(cfg.data),
+                                                     name=f"medqa-{name}", digest=split["fingerprint"][:36]),
+                             context=name, tags={"rows": str(split["rows"]), "sha256": split["fingerprint"]})
+        Path(summary_path).write_text(json.dumps({**prepared.summary, "dropped": prepared.dropped,
+                                                  "conflicts": prepared.conflicts}, indent=2, default=str))
         mlflow.log_dict(prepared.summary, "preprocess/summary.json")
+        mlflow.log_text("".join(json.dumps(d, ensure_ascii=False, default=str) + "\n" for d in prepared.dropped),
+                        "preprocess/quarantine.jsonl")
         mlflow.log_metrics({f"{n}_rows": s["rows"] for n, s in prepared.summary["splits"].items()})
+        mlflow.log_metrics({f"dropped.{rule}": n for rule, n in prepared.summary["dropped_by_rule"].items()})
     return prepared.summary
+
+
+def _data_source(data: config_mod.DataConfig):
+    """Where the rows came from, as MLflow lineage: a Hub dataset (with split and revision) or a local path."""
+    from medtune.ingest import HF_PREFIX
+
+    if not data.path.startswith(HF_PREFIX):
+        return data.path
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+    return HuggingFaceDatasetSource(path=data.path.removeprefix(HF_PREFIX), config_name=data.hf_config,
+                                    split=data.hf_split, revision=data.hf_revision)
 
 
 def train(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str,

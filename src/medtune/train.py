@@ -1,23 +1,48 @@
-"""Fine-tune a LoRA/QLoRA adapter with TRL's SFTTrainer on prompt/completion rows.
+"""Fine-tune with TRL's SFTTrainer on prompt/completion rows: LoRA, QLoRA, DoRA/rsLoRA, or full (optionally frozen
+bottom layers), with the loss on the answer tokens only.
 
-The rows are already rendered with the chat template (preprocess), and a prompt/completion dataset makes
-SFTTrainer compute the loss on the answer tokens only: the model learns to answer, not to echo questions.
+Where the time goes on a CPU, and what this module does about it (see benchmarks/train_throughput.py):
+
+- dtype: a bf16 matmul is several times slower than float32 on CPUs without AVX512-BF16/AMX, and TRL's default
+  (`bf16=True`) autocasts every Linear to bf16. `train.dtype: auto` picks bf16 only where it is native.
+- padding: batches are concatenated into one row (padding-free; position_ids keep the sequences apart), so no
+  pad token is ever computed. Rows are already cut to `preprocess.max_tokens` by preprocess.
+- the LM head: TRL's fused head scores every position on devices without Triton (CPU), prompt and padding
+  included, and computes entropy/top-1 statistics over the whole vocabulary. Here the head runs only on the
+  labelled (answer) positions; on CUDA TRL's fused head already does that and is used as is.
+- gradient checkpointing: TRL turns it on by default (~30% more compute); it is off unless configured.
+
+Faults stop the run with a `TrainingFault` that names the kind (nan_loss, lr_explosion, out_of_memory) and what to
+change. Checkpoints are written every `train.checkpoint_steps` and on SIGTERM; a restarted step resumes from the
+last complete one (step counter, optimizer, scheduler, RNG and data order).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import resource
+import shutil
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
 
 from medtune import models
 from medtune.config import Config
 
 log = logging.getLogger(__name__)
+HEAD_CHUNK = 2048  # labelled tokens per LM-head chunk: bounds the (tokens x vocab) logits held for backward
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
+                   "V100": 125.0, "T4": 65.0}  # dense bf16/fp16 tensor-core peaks
 
 
 @dataclass
@@ -27,20 +52,41 @@ class Trained:
     history: list[dict]
 
 
+class TrainingFault(RuntimeError):
+    """A run stopped on purpose. `kind`: nan_loss, lr_explosion or out_of_memory; the message says what to change."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved and a restarted step resumes from it."""
+
+
+class ExportError(RuntimeError):
+    """The merged model does not reproduce base+adapter within tolerance."""
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
 def lora_config(cfg: Config):
     from peft import LoraConfig
 
     lora = cfg.train.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=lora.target_modules, bias="none", task_type="CAUSAL_LM")
+                      target_modules=lora.target_modules, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                      bias="none", task_type="CAUSAL_LM")
 
 
-def sft_config(cfg: Config, output_dir: Path, has_eval: bool):
-    from trl import SFTConfig
-
+def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
     t = cfg.train
-    precision = t.quantization.compute_dtype if t.method == "qlora" else t.dtype
     on_gpu = torch.cuda.is_available()
+    precision = models.compute_dtype(t)
+    # On CPU the weights are loaded in the compute dtype and no autocast is used; on GPU a QLoRA/LoRA run autocasts.
+    autocast = on_gpu and t.method == "qlora"
+    eval_strategy = "no" if not has_eval else "steps" if t.eval_steps else "epoch"
     return SFTConfig(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
@@ -50,22 +96,301 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool):
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
-        gradient_checkpointing=t.gradient_checkpointing,
-        bf16=precision == "bfloat16" and on_gpu,
-        fp16=precision == "float16" and on_gpu,
+        max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name (gradient_checkpointing: alias)
+        bf16=autocast and precision == torch.bfloat16,
+        fp16=autocast and precision == torch.float16,
         use_cpu=not on_gpu,
-        max_length=cfg.preprocess.max_tokens,
-        completion_only_loss=True,
+        padding_free=t.padding_free,
+        packing=t.packing,
+        packing_strategy="bfd",
+        # Rows are already cut to the token budget by preprocess; padding-free without packing needs None here.
+        max_length=cfg.preprocess.max_tokens if t.packing or not t.padding_free else None,
+        completion_only_loss=t.completion_only_loss,
         logging_steps=t.logging_steps,
-        eval_strategy="epoch" if has_eval else "no",
-        save_strategy="no",
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.checkpoint_steps else "no",
+        save_steps=t.checkpoint_steps or 500,
+        save_total_limit=t.keep_checkpoints,
         report_to="none",
         seed=t.seed,
         data_seed=t.seed,
         dataloader_num_workers=0,
+        disable_tqdm=True,
     )
+
+
+def checkpoint_key(cfg: Config, run_id: str) -> str:
+    """Folder name under train.checkpoint_dir: a retried step of the same run and config finds its checkpoints."""
+    sections = {k: cfg.model_dump(mode="json")[k] for k in ("model", "preprocess", "train")}
+    digest = hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{run_id}-{digest}"
+
+
+def last_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last, so a kill mid-save is skipped)."""
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").exists()
+            and p.name.removeprefix("checkpoint-").isdigit()]
+    return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+def prepare_model(cfg: Config):
+    """Load the base model; for method=full freeze the embeddings and the first `freeze_layers` decoder layers."""
+    model = models.load_model(cfg.model, cfg.train)
+    if cfg.train.method == "full" and cfg.train.freeze_layers:
+        layers = _decoder_layers(model)
+        if cfg.train.freeze_layers > len(layers):
+            raise ValueError(f"train.freeze_layers={cfg.train.freeze_layers} but the model has {len(layers)} layers")
+        model.get_input_embeddings().requires_grad_(False)  # tied models freeze the head with it
+        for layer in layers[: cfg.train.freeze_layers]:
+            layer.requires_grad_(False)
+    return model
+
+
+def _decoder_layers(model) -> torch.nn.ModuleList:
+    backbone = model.base_model
+    layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
+    if layers is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    return layers
+
+
+def _causal_lm(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def matmul_params(model) -> tuple[int, int]:
+    """(body, head) weights that take part in matmuls, counted from shapes (4-bit layers store half the numel)."""
+    causal_lm = _causal_lm(model)
+    head = causal_lm.get_output_embeddings()
+    body = sum(m.in_features * m.out_features for name, m in causal_lm.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name)
+    return body, head.weight.shape[0] * head.weight.shape[1]
+
+
+def peak_flops(cfg: Config) -> float:
+    """Peak FLOP/s of this device, for MFU: configured, a table for GPUs, a quick matmul probe on CPU."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 100.0) * 1e12
+    dtype = models.compute_dtype(cfg.train)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+class MedtuneTrainer(SFTTrainer):
+    """SFTTrainer with the LM head on labelled tokens only, fault checks and cost metrics."""
+
+    def __init__(self, *args, medtune_cfg: Config, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.medtune_cfg = medtune_cfg
+        # TRL's fused head scores only labelled positions where Triton runs (CUDA); elsewhere it scores every one.
+        self.fused_head = torch.cuda.is_available() and _triton_available()
+        self.tokens_seen = 0      # non-padding tokens through the model
+        self.labelled_seen = 0    # tokens the loss is computed on
+        self.best_loss = math.inf
+        self.smoothed_loss: float | None = None
+        body, head = matmul_params(self.model)
+        trainable = any(p.requires_grad for p in _causal_lm(self.model).get_output_embeddings().parameters())
+        # Forward 2 FLOPs/weight; backward 2 for the input gradient plus 2 for trainable weights (LoRA: ~none).
+        frozen_base = medtune_cfg.train.method != "full"
+        trainable_body = 0 if frozen_base else sum(
+            m.in_features * m.out_features for m in _causal_lm(self.model).modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
+            and m is not _causal_lm(self.model).get_output_embeddings())
+        self.flops_per_token = 4 * body + 2 * trainable_body
+        self.flops_per_labelled = (6 if trainable else 4) * head
+        self.peak = peak_flops(medtune_cfg)
+        self._mark = (time.perf_counter(), 0, 0)
+
+    # -- loss ---------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            return super().compute_loss(model, inputs, True, num_items_in_batch)
+        inputs = {**inputs, "use_cache": False}
+        if self.fused_head:
+            out = model(**inputs, fused_lm_head=True)
+            nll, n = -out.log_probs.sum(), out.label_mask.sum()
+        else:
+            nll, n = labelled_nll(model, inputs)
+        loss = nll / (num_items_in_batch if num_items_in_batch is not None else n.clamp(min=1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        if model.training:
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self.labelled_seen += int(n)
+            self._check(float(nll.detach()) / max(int(n), 1))
+        return loss
+
+    def _check(self, token_loss: float) -> None:
+        t = self.medtune_cfg.train
+        step, lr = self.state.global_step, self._current_lr()
+        if not math.isfinite(token_loss):
+            raise TrainingFault(
+                "nan_loss", f"the training loss became {token_loss} at step {step} (learning rate {lr:.3g}). "
+                f"Lower train.learning_rate (now {t.learning_rate:g}), keep train.max_grad_norm (now "
+                f"{t.max_grad_norm:g}) small, and train in float32 or bfloat16 rather than float16.")
+        self.smoothed_loss = token_loss if self.smoothed_loss is None else 0.5 * self.smoothed_loss + 0.5 * token_loss
+        self.best_loss = min(self.best_loss, self.smoothed_loss)
+        if step >= 2 and self.smoothed_loss > t.divergence_factor * self.best_loss:
+            raise TrainingFault(
+                "lr_explosion", f"the training loss rose to {self.smoothed_loss:.3f} at step {step}, "
+                f"{self.smoothed_loss / self.best_loss:.1f}x its lowest value {self.best_loss:.3f} (learning rate "
+                f"{lr:.3g}): the learning rate is too high. Lower train.learning_rate (now {t.learning_rate:g}) "
+                f"about 10x, or raise train.warmup_ratio (now {t.warmup_ratio:g}).")
+
+    def _current_lr(self) -> float:
+        try:
+            return float(self.lr_scheduler.get_last_lr()[0])
+        except (AttributeError, IndexError, TypeError):
+            return float(self.args.learning_rate)
+
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            raise out_of_memory(self.medtune_cfg, exc) from exc
+        except RuntimeError as exc:
+            if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+                raise out_of_memory(self.medtune_cfg, exc) from exc
+            raise
+
+    # -- metrics ------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the cost of the steps since the last one
+            now = time.perf_counter()
+            then, tokens, labelled = self._mark
+            elapsed = max(now - then, 1e-9)
+            d_tokens, d_labelled = self.tokens_seen - tokens, self.labelled_seen - labelled
+            flops = d_tokens * self.flops_per_token + d_labelled * self.flops_per_labelled
+            logs.update(tokens_per_s=d_tokens / elapsed, peak_memory_mb=peak_memory_mb(),
+                        mfu=flops / elapsed / self.peak, tokens=float(self.tokens_seen))
+            self._mark = (now, self.tokens_seen, self.labelled_seen)
+            grad_norm = logs.get("grad_norm")
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                t = self.medtune_cfg.train
+                raise TrainingFault("nan_loss", f"the gradient norm became {grad_norm} at step "
+                                    f"{self.state.global_step}. Lower train.learning_rate (now {t.learning_rate:g}) "
+                                    "and train in float32 or bfloat16 rather than float16.")
+        super().log(logs, start_time)
+
+
+def _triton_available() -> bool:
+    from transformers.utils import is_triton_available
+
+    return is_triton_available()
+
+
+def labelled_nll(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over the labelled positions, and their count, running the LM head on those only."""
+    causal_lm = _causal_lm(model)
+    labels = inputs["labels"]
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = causal_lm.base_model(**forward).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != -100
+    selected, targets = hidden[:, :-1][mask], targets[mask]
+    head = causal_lm.get_output_embeddings()
+    nll = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), HEAD_CHUNK):
+        h, t = selected[start:start + HEAD_CHUNK], targets[start:start + HEAD_CHUNK]
+        if targets.numel() > HEAD_CHUNK:  # recompute the chunk's logits in backward instead of keeping them
+            nll = nll + torch.utils.checkpoint.checkpoint(_chunk_nll, head, h, t, use_reentrant=False)
+        else:
+            nll = nll + _chunk_nll(head, h, t)
+    if targets.numel() == 0:
+        nll = nll + hidden.sum() * 0.0  # keep the graph connected for an all-masked batch
+    return nll, mask.sum()
+
+
+def _chunk_nll(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def out_of_memory(cfg: Config, exc: BaseException) -> TrainingFault:
+    t = cfg.train
+    where = "GPU" if torch.cuda.is_available() else "host RAM"
+    hints = [f"lower train.batch_size (now {t.batch_size}) and raise train.grad_accum (now {t.grad_accum}) to keep "
+             "the effective batch"]
+    if not t.gradient_checkpointing:
+        hints.append("set train.gradient_checkpointing=true")
+    if t.method != "qlora":
+        hints.append("use train.method=qlora")
+    hints.append(f"lower preprocess.max_tokens (now {cfg.preprocess.max_tokens})")
+    return TrainingFault("out_of_memory", f"training ran out of {where} ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}). " + "; or ".join(hints) + ".")
+
+
+class SigtermCheckpoint(TrainerCallback):
+    """On SIGTERM (a preempted node): finish the current step, save a checkpoint, stop."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.received = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class EarlyStopping(TrainerCallback):
+    """Stop after `patience` validations without a lower validation loss (no best-model reload needed)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.bad, self.stopped_at = patience, math.inf, 0, None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None:
+            return
+        if loss < self.best:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                self.stopped_at = state.global_step
+                control.should_training_stop = True
+
+
+# ---------------------------------------------------------------------------------------------- training
 
 
 def _dataset(df: pd.DataFrame):
@@ -74,27 +399,54 @@ def _dataset(df: pd.DataFrame):
     return Dataset.from_pandas(df[["prompt", "completion"]].reset_index(drop=True), preserve_index=False)
 
 
-def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter_dir: Path,
-          work_dir: Path) -> Trained:
-    from trl import SFTTrainer
-
+def build_trainer(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, output_dir: Path,
+                  tokenizer=None, model=None) -> MedtuneTrainer:
     torch.manual_seed(cfg.train.seed)
-    tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, cfg.train)
-    trainer = SFTTrainer(
+    tokenizer = tokenizer or models.load_tokenizer(cfg.model)
+    model = model if model is not None else prepare_model(cfg)
+    trainer = MedtuneTrainer(
         model=model,
-        args=sft_config(cfg, work_dir, has_eval=not val_rows.empty),
+        args=sft_config(cfg, output_dir, has_eval=not val_rows.empty),
         train_dataset=_dataset(train_rows),
         eval_dataset=_dataset(val_rows) if not val_rows.empty else None,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(cfg) if cfg.train.method in ("lora", "qlora") else None,
+        medtune_cfg=cfg,
     )
-    result = trainer.train()
+    if cfg.train.method == "qlora" and models.compute_dtype(cfg.train) == torch.float32:
+        # TRL casts QLoRA adapters to bf16; with a float32 compute dtype (CPUs without bf16) keep them float32.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
+
+
+def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter_dir: Path, work_dir: Path,
+          checkpoint_dir: Path | None = None) -> Trained:
+    """Train and save to `adapter_dir` (adapter for lora/qlora, the whole model for full).
+
+    `checkpoint_dir` holds resumable checkpoints; a rerun with the same folder continues from the last one.
+    """
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(work_dir) / "checkpoints"
+    trainer = build_trainer(cfg, train_rows, val_rows, checkpoint_dir)
+    sigterm = SigtermCheckpoint()
+    trainer.add_callback(sigterm)
+    stopper = EarlyStopping(cfg.train.early_stopping_patience) if cfg.train.early_stopping_patience else None
+    if stopper:
+        trainer.add_callback(stopper)
+    resume = last_checkpoint(checkpoint_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if sigterm.received:
+        raise Preempted(f"stopped by SIGTERM at step {trainer.state.global_step}; checkpoint saved in "
+                        f"{checkpoint_dir}; run the step again to resume")
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     if not losses or not all(math.isfinite(x) for x in losses):
-        raise FloatingPointError(f"training loss is not finite: {losses[-5:]}; lower train.learning_rate")
+        raise TrainingFault("nan_loss", f"training loss is not finite: {losses[-5:]}; lower train.learning_rate")
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    speeds = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     metrics = {
         "train_loss": float(result.training_loss),
         "first_logged_loss": float(losses[0]),
@@ -102,9 +454,48 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
         "steps": int(trainer.state.global_step),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "trainable_params": int(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
+        "tokens_per_s": float(sum(speeds) / len(speeds)) if speeds else 0.0,
+        "peak_memory_mb": float(peak_memory_mb()),
+        "mfu": float(sum(h["mfu"] for h in history if "mfu" in h) / max(len(speeds), 1)),
+        "resumed_from_step": int(resume.name.removeprefix("checkpoint-")) if resume else 0,
     }
     if eval_losses:
         metrics["eval_loss"] = float(eval_losses[-1])
-    trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    if stopper and stopper.stopped_at is not None:
+        metrics["early_stopped_at_step"] = int(stopper.stopped_at)
+    adapter_dir = Path(adapter_dir)
+    trainer.model.save_pretrained(adapter_dir)  # safetensors
+    trainer.processing_class.save_pretrained(adapter_dir)
+    if cfg.train.export_merged and cfg.train.method != "full":
+        probe = (train_rows["prompt"] + train_rows["completion"]).head(4).tolist()
+        metrics["merge_max_abs_diff"] = export_merged(cfg, adapter_dir, adapter_dir / "merged", probe)
     return Trained(adapter_dir=adapter_dir, metrics=metrics, history=history)
+
+
+def export_merged(cfg: Config, adapter_dir: Path, out_dir: Path, texts: list[str]) -> float:
+    """Fold the adapter into the base weights; fail unless merged and base+adapter logits agree on `texts`."""
+    from peft import PeftModel
+
+    tokenizer = models.load_tokenizer(cfg.model)
+    # Merge into unquantized float32 weights: merging into 4-bit weights would re-quantize (lossy).
+    f32 = cfg.train.model_copy(update={"dtype": "float32", "quantization": cfg.train.quantization.model_copy(
+        update={"compute_dtype": "float32"})})
+    base = models.load_model(cfg.model, f32, quantize=False)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reference = model(**batch).logits
+        merged = model.merge_and_unload()
+        logits = merged(**batch).logits
+    keep = batch["attention_mask"].bool()
+    diff = float((reference - logits).abs()[keep].max())
+    if not diff <= cfg.train.merge_tolerance:
+        raise ExportError(f"merged model differs from base+adapter by {diff:.3g} > train.merge_tolerance="
+                          f"{cfg.train.merge_tolerance:g}; the merged export was not written")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "PARITY.json").write_text(json.dumps({"max_abs_logit_diff": diff, "texts": len(texts),
+                                                     "tolerance": cfg.train.merge_tolerance}))
+    return diff
