@@ -1,4 +1,4 @@
-# Container images for the cluster (images/); see docs/run-on-kubeflow.md.
+# Container images for the cluster (images/); see "Run on Kubeflow" in README.md.
 REGISTRY ?= ghcr.io/medtune
 
 .PHONY: images images-push constraints

@@ -15,7 +15,7 @@ from medtune import champion as champ
 from medtune import config as config_mod
 from medtune import evaluate as ev
 from medtune import metrics, models
-from medtune.preprocess import render_prompt, write_split
+from medtune.preprocess import ROW_FIELDS, render_prompt, write_split
 
 from conftest import SAMPLE, tiny_config_tree
 
@@ -56,6 +56,9 @@ def test_rows(tiny_model_dir) -> pd.DataFrame:
     rows["prompt"] = [render_prompt(tokenizer, config_mod.PreprocessConfig().system_prompt, q)
                       for q in rows["question"]]
     rows["completion"] = rows["answer"] + tokenizer.eos_token
+    for column in ROW_FIELDS:  # the split files' full schema
+        if column not in rows:
+            rows[column] = None
     return rows
 
 
@@ -219,7 +222,7 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
         decision = steps.gate(cfg_json(False), run_id, *outputs, str(tmp_path / "d1.json"),
                               str(tmp_path / "r1.html"))
         assert decision["passed"] is True and decision["promote"] is False
-        assert "champion: m" not in (tmp_path / "r1.html").read_text()
+        assert f"champion: {name} version {first['version']}" in (tmp_path / "r1.html").read_text()
         second = steps.register(cfg_json(False), run_id, str(adapters[0]), str(tmp_path / "d1.json"),
                                 str(tmp_path / "r2.json"))
         assert second["aliases"] == ["challenger"] and second["promoted"] is False

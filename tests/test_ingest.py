@@ -32,7 +32,8 @@ def test_sample_jsonl_rows_carry_file_and_line():
 
 def test_column_mapping_loads_alpaca_style_rows(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "input": "What is gout?", "output": "Arthritis."}])
-    out = ingest(DataConfig(path=str(path), columns={"input": "question", "output": "answer", "instruction": "context"}))
+    mapping = {"input": "question", "output": "answer", "instruction": "context"}
+    out = ingest(DataConfig(path=str(path), columns=mapping))
     assert out.rows[0]["question"] == "What is gout?" and out.rows[0]["answer"] == "Arthritis."
     assert out.rows[0]["context"] == "x"
 
@@ -48,7 +49,8 @@ def test_unmapped_required_column_names_file_and_found_columns(tmp_path):
 
 def test_two_columns_mapped_to_one_field_fail(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"input": "What is gout?", "question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"several columns map to the same field: \{'question': \['input', 'question'\]\}"):
+    clash = r"several columns map to the same field: \{'question': \['input', 'question'\]\}"
+    with pytest.raises(DataError, match=clash):
         ingest(DataConfig(path=str(path), columns={"input": "question"}))
 
 

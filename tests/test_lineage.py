@@ -37,7 +37,9 @@ def test_record_links_inputs_and_outputs_by_hash(tmp_path, tiny_config):
     assert record["config"]["sha256"] == tiny_config.model_copy(
         update={"data": tiny_config.data.model_copy(update={"path": str(data)})}).digest()
     assert record["data"]["files"] == {"data.jsonl": lineage.sha256_file(data)}
-    assert len(record["base_model"]["sha256"]) == 64, "a local base model is identified by its content"
+    model_files = lineage.hash_files(Path(tiny_config.model.id))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(model_files)
+    assert record["base_model"]["sha256"] == lineage.tree_digest(model_files), "identified by its content"
     assert set(record["artifacts"]) == {"medtune-1/train/adapter/adapter_model.safetensors",
                                         "medtune-1/train/adapter/adapter_config.json",
                                         "medtune-1/preprocess/summary"}

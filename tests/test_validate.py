@@ -11,8 +11,9 @@ import pytest
 
 from conftest import MEDQUAD, SAMPLE
 from medtune import phi
-from medtune.config import DataConfig, PhiConfig
+from medtune.config import DataConfig, PhiConfig, PreprocessConfig
 from medtune.ingest import DataError
+from medtune.preprocess import _canonical_frame, _deduplicate
 from medtune.validate import ValidationStopped, build_suite, validate, write_outputs
 
 
@@ -179,10 +180,15 @@ def test_suite_is_code_and_saved_with_data_docs(tmp_path):
 
 
 @pytest.mark.skipif(not MEDQUAD.exists(), reason="MedQuAD not present")
-def test_full_medquad_quarantines_exactly_the_answerless_rows():
+def test_full_medquad_quarantines_exactly_the_answerless_rows_then_duplicates():
     result = validate(DataConfig(path=str(MEDQUAD), phi=PhiConfig(email="mask", phone="mask")))
     s = result.summary
     assert s["rows_read"] == 47_441 and s["rows_kept"] == 16_407
     assert s["quarantined_by_rule"] == {"answer_removed_by_publisher": 31_029, "answer.not_blank": 5}
     assert s["duplicate_questions"] == 1_428  # exact question text, as MedQuAD's README counts them
     assert s["phi_masked"]["phone"] > 0 and s["kept_fraction"] == pytest.approx(16_407 / 16_412)
+    # preprocessing's duplicate rule on the same rows (no tokenizer needed), against the README's counts
+    kept, dropped, conflicts = _deduplicate(_canonical_frame(result.kept), PreprocessConfig())
+    assert Counter(d["rule"] for d in dropped) == {"duplicate_question_conflicting_answer": 2_014,
+                                                   "duplicate_question_same_answer": 48}
+    assert len(conflicts) == 1_396 and len(kept) == 16_407 - 2_062

@@ -37,7 +37,7 @@ def _load(path: Path, overrides: list[str]) -> config_mod.Config:
         _fail(str(exc))
     # Steps run in other processes (and other working directories): hand them absolute paths.
     data_path = Path(cfg.data.path).expanduser()
-    if not data_path.is_absolute():
+    if not cfg.data.path.startswith("hf://") and not data_path.is_absolute():
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data_path.resolve())})})
     return cfg
 

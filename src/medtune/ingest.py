@@ -187,8 +187,14 @@ def _has_surrogate(value) -> bool:
 
 
 def _printable(raw: dict) -> dict:
-    fix = lambda v: v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v  # noqa: E731
-    return {str(k): fix(v) if not isinstance(v, list) else [fix(x) for x in v] for k, v in raw.items()}
+    """The row as it can be written to the quarantine: undecodable bytes shown as U+FFFD."""
+    return {str(k): [_readable(x) for x in v] if isinstance(v, list) else _readable(v) for k, v in raw.items()}
+
+
+def _readable(value):
+    if not isinstance(value, str):
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _decode_jsonl(file: Path, data: bytes, out: Ingested) -> Iterator[tuple[int, dict]]:

@@ -40,8 +40,9 @@ def hash_files(root: Path) -> dict[str, str]:
     """sha256 of each file under `root` (or of `root` itself), keyed by path relative to `root`."""
     if root.is_file():
         return {root.name: sha256_file(root)}
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in IGNORED and ".cache" not in p.parts}
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in IGNORED)
+    # .cache/ inside a model or data folder is the hub client's bookkeeping, not content.
+    return {str(p.relative_to(root)): sha256_file(p) for p in files if ".cache" not in p.relative_to(root).parts}
 
 
 def tree_digest(files: dict[str, str]) -> str:

@@ -62,7 +62,8 @@ def _user_content(question: str, context: str | None) -> str:
 
 
 def render_prompt(tokenizer, system_prompt: str, question: str, context: str | None = None) -> str:
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": _user_content(question, context)}]
+    messages = [{"role": "system", "content": system_prompt},
+                {"role": "user", "content": _user_content(question, context)}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -88,7 +89,9 @@ def _canonical_frame(df: pd.DataFrame) -> pd.DataFrame:
     for column in ("context", "focus", "qtype", "source", "id", "_file", "_line"):
         if column not in df:
             df[column] = None
-        df[column] = [_text_or_none(v) for v in df[column]] if column != "_line" else df[column]
+        if column != "_line":
+            # object dtype keeps None as None; a str column would turn it into NaN, which is not JSON
+            df[column] = pd.Series([_text_or_none(v) for v in df[column]], index=df.index, dtype=object)
     df["question"] = df["question"].map(normalise)
     df["answer"] = df["answer"].map(normalise)
     df["qkey"] = df["question"].map(str.casefold)
@@ -163,7 +166,7 @@ def _group_keys(df: pd.DataFrame) -> pd.Series:
     keys = []
     for q, focus in zip(df["qkey"], df["focus"]):
         node = f"q:{q}"
-        topic = (focus or "").strip().casefold()
+        topic = focus.strip().casefold() if isinstance(focus, str) else ""
         if topic:
             parent[find(node)] = find(f"f:{topic}")
         keys.append(node)
@@ -225,8 +228,9 @@ def check_no_leakage(df: pd.DataFrame) -> dict:
     from medtune.validate import run_suite
 
     topics = df["focus"].fillna("").str.strip().str.casefold()
-    keys = pd.concat([("question: " + df["qkey"]).to_frame("key").assign(split=df["split"].values),
-                      ("topic: " + topics[topics != ""]).to_frame("key").assign(split=df["split"][topics != ""].values)])
+    has_topic = topics != ""
+    keys = pd.concat([pd.DataFrame({"key": "question: " + df["qkey"], "split": df["split"]}),
+                      pd.DataFrame({"key": "topic: " + topics[has_topic], "split": df["split"][has_topic]})])
     pairs = keys.drop_duplicates().reset_index(drop=True)
     pairs["_row"] = range(len(pairs))
     suite = ExpectationSuite(name="medtune_splits", expectations=[gxe.ExpectColumnValuesToBeUnique(column="key")])

@@ -110,15 +110,18 @@ def train(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_d
     from medtune.preprocess import read_split
 
     cfg = _cfg(config_json)
+    # A retried step of the same run and config finds its checkpoints there (a PVC on the cluster) and resumes.
+    checkpoints = (Path(cfg.train.checkpoint_dir).expanduser() / trainer.checkpoint_key(cfg, run_id)
+                   if cfg.train.checkpoint_dir else None)
     with tracking.step(cfg, run_id, "train"):
         result = trainer.train(cfg, read_split(Path(train_dir)), read_split(Path(val_dir)), Path(adapter_dir),
-                               Path(work_dir))
+                               Path(work_dir), checkpoints)
         Path(history_path).write_text(json.dumps(result.history, indent=1))
+        per_step = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
         for entry in result.history:
-            if "loss" in entry:
-                mlflow.log_metric("loss", entry["loss"], step=entry["step"])
-            if "eval_loss" in entry:
-                mlflow.log_metric("eval_loss", entry["eval_loss"], step=entry["step"])
+            for key in per_step:
+                if key in entry:
+                    mlflow.log_metric(key, entry[key], step=entry["step"])
         mlflow.log_metrics(result.metrics)
         mlflow.log_artifacts(adapter_dir, "adapter")
     tracking.log_parent_metrics(run_id, result.metrics, "train.")

@@ -89,10 +89,13 @@ class Validation:
 
 
 def run_suite(df: pd.DataFrame, suite: gx.ExpectationSuite):
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
+                                                            ProgressBarsConfig)
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    # No temporary Data Docs site (GX would leave a folder in /tmp per run): docs are rendered by render_docs.
+    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+                               progress_bars=ProgressBarsConfig(globally=False))
+    context = gx.get_context(mode="ephemeral", project_config=config)
     batch = (context.data_sources.add_pandas("medtune").add_dataframe_asset("qa")
              .add_batch_definition_whole_dataframe("all"))
     suite = context.suites.add(suite)
@@ -140,7 +143,8 @@ def _failed_rows(result) -> dict[int, tuple[str, str]]:
         if res.success or exp.severity == "warning" or "unexpected_index_list" not in res.result:
             continue
         for hit in res.result["unexpected_index_list"]:
-            failed.setdefault(int(hit[ROW_ID]), (exp.meta["rule"], exp.kwargs["column"]))
+            rule = exp.meta["rule"]
+            failed.setdefault(int(hit[ROW_ID]), (rule, rule.split(".", 1)[0]))  # token rules run on a helper
     return failed
 
 
