@@ -29,6 +29,7 @@ PROFILE = ROOT / "configs" / "local.yaml"
 # variant -> (description, train.* overrides); "plain" is the TRL script, the rest run medtune's train step.
 VARIANTS = {
     "plain": ("plain TRL SFTTrainer, library defaults", {}),
+    "plain+fp32": ("plain TRL SFTTrainer, defaults but bf16=False", {}),
     "medtune": ("medtune train step (configs/local.yaml)", {}),
     "medtune+bf16": ("medtune, but dtype=bfloat16", {"dtype": "bfloat16"}),
     "medtune+padded": ("medtune, but padded batches", {"padding_free": False}),
@@ -93,7 +94,7 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
     rows, tokenizer = _data(cfg)
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     timer = Timer(warmup)
-    if name == "plain":
+    if name.startswith("plain"):
         from datasets import Dataset
         from peft import LoraConfig
         from trl import SFTConfig, SFTTrainer
@@ -102,7 +103,8 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
         args = SFTConfig(output_dir=str(out), per_device_train_batch_size=cfg.train.batch_size,
                          max_length=cfg.preprocess.max_tokens, max_steps=steps + warmup, report_to="none",
                          save_strategy="no", seed=cfg.train.seed, disable_tqdm=True,
-                         use_cpu=not torch.cuda.is_available())  # TRL refuses its bf16 default on CPU without it
+                         use_cpu=not torch.cuda.is_available(),  # TRL refuses its bf16 default on CPU without it
+                         **({"bf16": False} if name == "plain+fp32" else {}))
         trainer = SFTTrainer(
             model=models.resolve(cfg.model), args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_pandas(rows[["prompt", "completion"]], preserve_index=False),
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--ablations", action="store_true", help="also run the one-change-back variants")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="run just these variants")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -147,7 +150,8 @@ def main() -> None:
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, trl {trl.__version__}, load avg {os.getloadavg()[0]:.1f}")
-    names = ["plain", "medtune"] + ([n for n in VARIANTS if n.startswith("medtune+")] if args.ablations else [])
+    names = ["plain", "medtune"] + ([n for n in VARIANTS if "+" in n] if args.ablations else [])
+    names = args.only or names
     results = {}
     for name in names:
         proc = subprocess.run([sys.executable, __file__, "--variant", name, "--steps", str(args.steps),
@@ -162,7 +166,8 @@ def main() -> None:
               f"({r['tokens']} tokens / {r['seconds']} s; bf16={r['bf16']} ckpt={r['activation_checkpointing']} "
               f"padding_free={r['padding_free']} dtype={r['dtype']})  {r['what']}", flush=True)
     print(json.dumps(results))
-    print(f"ratio={results['medtune']['tokens_per_s'] / results['plain']['tokens_per_s']:.2f}")
+    if "plain" in results and "medtune" in results:
+        print(f"ratio={results['medtune']['tokens_per_s'] / results['plain']['tokens_per_s']:.2f}")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_register_and_push_sit_inside_the_gate_branch(compiled):
     root = spec["root"]["dag"]["tasks"]
     assert not {"register", "push"} & set(root)
     condition = root["condition-1"]
-    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
     assert condition["inputs"]["parameters"]["pipelinechannel--gate-passed"]["taskOutputParameter"] == \
         {"outputParameterKey": "passed", "producerTask": "gate"}
     assert set(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == {"register", "push"}

@@ -203,8 +203,9 @@ def _same_base(cfg: Config, champion) -> bool:
     return all(getattr(champion.model, k) == getattr(cfg.model, k) for k in keys)
 
 
-def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None, perplexity_rows: pd.DataFrame | None = None,
-             champion=None, champion_info: dict | None = None, perplexity_split: str = "validation") -> Evaluation:
+def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
+             perplexity_rows: pd.DataFrame | None = None, champion=None, champion_info: dict | None = None,
+             perplexity_split: str = "validation") -> Evaluation:
     """Answer and score `test_rows` with the base model, the candidate (if an adapter is given) and the
     champion (if one is given); perplexity on `perplexity_rows` (default: the test rows' references)."""
     from peft import PeftModel

@@ -1,0 +1,54 @@
+"""Model loading: dtype choice, 4-bit QLoRA layers, trained-output loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medtune import config as config_mod
+from medtune import models
+from conftest import tiny_config_tree
+
+
+def _cfg(model_dir, **train):
+    tree = tiny_config_tree(model_dir)
+    tree["train"].update(train)
+    return config_mod.from_dict(tree)
+
+
+def test_auto_dtype_is_bf16_only_where_native():
+    expected = torch.bfloat16 if models.native_bf16() else torch.float32
+    assert models.resolve_dtype("auto") == expected
+    assert models.resolve_dtype("float16") == torch.float16
+    if torch.cuda.is_available():
+        return
+    # On CPU, "native" is oneDNN's bf16 path (AVX512-BF16/AMX); an AVX2-only CPU gets float32.
+    assert models.native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_lora_loads_in_the_resolved_dtype(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir, dtype="float32")
+    model = models.load_model(cfg.model, cfg.train)
+    assert model.dtype == torch.float32 and model.config.use_cache is False
+    cfg16 = _cfg(tiny_model_dir, dtype="bfloat16")
+    assert models.load_model(cfg16.model, cfg16.train).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_qlora_loads_bitsandbytes_4bit_layers(tiny_model_dir, quant_type):
+    from bitsandbytes.nn import Linear4bit
+
+    cfg = _cfg(tiny_model_dir, method="qlora", quantization={"quant_type": quant_type, "double_quant": True,
+                                                             "compute_dtype": "float32"})
+    model = models.load_model(cfg.model, cfg.train)
+    four_bit = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert len(four_bit) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all(m.weight.quant_type == quant_type for m in four_bit)
+    assert four_bit[0].weight.quant_state.nested  # double quantization
+    assert four_bit[0].compute_dtype == torch.float32
+    # the packed 4-bit weight holds half a byte per parameter
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight.numel() * 2 == q.in_features * q.out_features
+    # unquantized load of the same config (merged export) gives plain Linear layers in the compute dtype
+    plain = models.load_model(cfg.model, cfg.train, quantize=False)
+    assert not any(isinstance(m, Linear4bit) for m in plain.modules()) and plain.dtype == torch.float32
