@@ -128,8 +128,8 @@ def test_register_and_push_sit_inside_the_gate_branch(compiled):
     assert not {"register", "push"} & set(root)
     condition = root["condition-1"]
     assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
-    assert condition["inputs"]["parameters"]["pipelinechannel--gate-passed"]["taskOutputParameter"] == \
-        {"outputParameterKey": "passed", "producerTask": "gate"}
+    assert condition["inputs"]["parameters"]["pipelinechannel--gate-Output"]["taskOutputParameter"] == \
+        {"outputParameterKey": "Output", "producerTask": "gate"}
     assert set(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == {"register", "push"}
     # The DAG order: each step consumes the previous one's outputs.
     assert set(root["train"]["dependentTasks"]) >= {"preprocess"}
