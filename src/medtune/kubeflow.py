@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from medtune import __version__
+from medtune import __version__, digests
 from medtune import config as config_mod
 
 TOKEN_ENV = "KFP_TOKEN"
@@ -95,20 +94,8 @@ def _api(call: str):
         raise KubeflowError(f"{call} failed: {f'HTTP {status} ' if status else ''}{reason}") from None
 
 
-def _git_sha() -> str:
-    # Same sources as medtune.tracking.code_version, without importing MLflow for one string.
-    if os.environ.get("MEDTUNE_GIT_SHA"):
-        return os.environ["MEDTUNE_GIT_SHA"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def version_name() -> str:
-    sha = _git_sha()[:12]
+    sha = digests.git_sha()[:12]
     return f"{__version__}-{sha}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from medtune import __version__, images, tracking
+from medtune.digests import sha256_file
 from medtune.config import Config
 
 SCHEMA = "medtune.lineage/1"
@@ -26,14 +27,6 @@ FILENAME = "lineage.json"
 LOCK = Path(__file__).resolve().parents[2] / "requirements.lock"
 # Bookkeeping kfp.local writes next to the artifacts; not outputs of medtune.
 IGNORED = {"executor_output.json"}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hash_files(root: Path) -> dict[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 
-from medtune import __version__, images
+from medtune import __version__, digests, images
 from medtune.config import Config
 
 
@@ -79,15 +79,7 @@ def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
 
 
 def code_version() -> str:
-    """The git commit of the code: from the image's build arg, else from the checkout, else unknown."""
-    if os.environ.get("MEDTUNE_GIT_SHA"):
-        return os.environ["MEDTUNE_GIT_SHA"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+    return digests.git_sha()
 
 
 def _connect(cfg: Config) -> None:
