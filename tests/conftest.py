@@ -7,6 +7,7 @@ The integration tests (marked slow) use the real SmolLM2 model instead.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from medtune import config as config_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "medqa_sample.jsonl"
-MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
+# MedQuAD is read where it lies (never copied into the repo); MEDTUNE_MEDQUAD points elsewhere.
+MEDQUAD = Path(os.environ.get("MEDTUNE_MEDQUAD") or ROOT.parent / "shared" / "data" / "medquad")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
