@@ -5,9 +5,11 @@ from medtune.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def push(config: str, run_id: str, adapter: Input[Model], decision: Input[Artifact], hub_push: Output[Artifact]):
-    """Push the adapter to the Hugging Face Hub when a token is configured; otherwise record why not."""
+def push(config: str, run_id: str, adapter: Input[Model], decision: Input[Artifact], comparison: Input[Artifact],
+         splits: Input[Artifact], hub_push: Output[Artifact]):
+    """Push the adapter and its model card to the Hugging Face Hub when a token is configured; else record why not."""
     from medtune import steps
 
-    result = steps.push(config, run_id, adapter.path, decision.path, hub_push.path)
+    result = steps.push(config, run_id, adapter.path, decision.path, comparison.path, splits.path,
+                        hub_push.path)
     hub_push.metadata.update(result)

@@ -66,7 +66,8 @@ def build(default_config: config_mod.Config):
             registered = register(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
                                   decision=verdict.outputs["decision"])
             pushed = push(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
-                          decision=verdict.outputs["decision"])
+                          decision=verdict.outputs["decision"], comparison=scored.outputs["comparison"],
+                          splits=splits.outputs["summary"])
 
         place({"open_run": run, "validate_data": data, "preprocess": splits, "train": trained,
                "evaluate": scored, "gate": verdict, "register": registered, "push": pushed}, default_config)

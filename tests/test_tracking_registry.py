@@ -65,6 +65,8 @@ def test_registered_adapter_answers_through_pyfunc(server, tiny_config, tmp_path
     assert version.version == result["version"]
     assert version.tags["medtune.run_id"] == run_id
     assert version.tags["medtune.gate"] == "passed"
+    assert version.tags["medtune.config_sha256"] == cfg.digest()
+    assert len(version.tags["medtune.git_sha"]) == 40 or version.tags["medtune.git_sha"] == "unknown"
 
     mlflow.set_tracking_uri(server)
     answers = mlflow.pyfunc.load_model(result["model_uri"]).predict(

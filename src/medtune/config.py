@@ -242,6 +242,8 @@ class HubConfig(Strict):
     repo_id: str | None = None
     private: bool = True
     token_env: str = Field("HF_TOKEN", description="Name of the env var holding the token; never the token.")
+    endpoint: str | None = Field(None, description="Hub URL (a private Hub or mirror); None: huggingface.co.")
+    license: str = "apache-2.0"
 
 
 TaskName = Literal["open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push"]

@@ -211,13 +211,21 @@ def register(config_json: str, run_id: str, adapter_dir: str, decision_path: str
     return result
 
 
-def push(config_json: str, run_id: str, adapter_dir: str, decision_path: str, output_path: str) -> dict:
-    from medtune import hub
+def push(config_json: str, run_id: str, adapter_dir: str, decision_path: str, comparison_path: str,
+         splits_path: str, output_path: str) -> dict:
+    from medtune import hub, lineage, modelcard
 
     cfg = _cfg(config_json)
     decision = json.loads(Path(decision_path).read_text())
+    splits = json.loads(Path(splits_path).read_text())["splits"]
+    data = Path(cfg.data.path)
+    data_sha256 = lineage.tree_digest(lineage.hash_files(data)) if data.exists() else None
+    card = modelcard.render(cfg, run_id, json.loads(Path(comparison_path).read_text()), decision,
+                            {n: {"rows": s["rows"], "fingerprint": s["fingerprint"]} for n, s in splits.items()},
+                            data_sha256)
     with tracking.step(cfg, run_id, "push"):
-        result = hub.push(cfg, Path(adapter_dir), run_id, decision)
+        result = hub.push(cfg, Path(adapter_dir), run_id, decision, card)
         mlflow.log_dict(result, "push/result.json")
+        mlflow.log_text(card, "push/README.md")
     Path(output_path).write_text(json.dumps(result, indent=2))
     return result

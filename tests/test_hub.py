@@ -1,0 +1,105 @@
+"""Hub push and model card, against a local stand-in of the Hub HTTP API (tests/hub_standin.py).
+
+The real Hub cannot be reached from here; the stand-in records exactly what `medtune.hub` would push.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hub_standin import HubStandIn
+from medtune import hub, modelcard
+
+TOKEN = "hf_test_not_a_real_token"
+RUN = "0123abcd"
+PASSED = {"passed": True, "summary": "all 2 checks passed",
+          "checks": [{"rule": "rougeL >= 0.15", "value": 0.2, "passed": True, "verdict": "PASS"},
+                     {"rule": "token_f1 >= 0.15", "value": 0.25, "passed": True, "verdict": "PASS"}]}
+COMPARISON = {
+    "n": 34, "base": {"token_f1": 0.19, "rougeL": 0.15}, "candidate": {"token_f1": 0.25, "rougeL": 0.2},
+    "ci": {"candidate_vs_base": {"token_f1": {"delta": 0.06, "low": 0.035, "high": 0.087},
+                                 "rougeL": {"delta": 0.05, "low": 0.033, "high": 0.078}}},
+    "bootstrap": {"confidence": 0.95}}
+SPLITS = {"train": {"rows": 254, "fingerprint": "a" * 64}, "test": {"rows": 34, "fingerprint": "b" * 64}}
+
+
+@pytest.fixture
+def adapter(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"r": 16}')
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 4096)
+    return folder
+
+
+def _cfg(tiny_config, endpoint):
+    return tiny_config.model_copy(update={"hub": tiny_config.hub.model_copy(
+        update={"repo_id": "medtune-org/smollm2-medqa", "endpoint": endpoint})})
+
+
+def _card(cfg):
+    return modelcard.render(cfg, RUN, COMPARISON, PASSED, SPLITS, data_sha256="c" * 64)
+
+
+def test_model_card_metadata_and_sections(tiny_config):
+    cfg = _cfg(tiny_config, None)
+    card = ModelCard(_card(cfg))
+    meta = card.data.to_dict()
+    assert meta["base_model"] == cfg.model.id
+    assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0"
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"token_f1": 0.25, "rougeL": 0.2}
+    for text in ("Not for diagnosis", "Not a substitute for a clinician", "a" * 64, "c" * 64,
+                 "+0.0600 [+0.0350, +0.0870]", "**PASSED**", "rougeL >= 0.15"):
+        assert text in card.text, text
+
+
+def test_push_sends_adapter_and_card_once_per_run(tiny_config, adapter, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with HubStandIn(TOKEN) as standin:
+        cfg = _cfg(tiny_config, standin.url)
+        standin.fail_next["tag"] = 503  # a transient error is retried, not fatal
+        first = hub.push(cfg, adapter, RUN, PASSED, _card(cfg))
+        repo = standin.repos["medtune-org/smollm2-medqa"]
+        assert first["pushed"] and first["tag"] == f"run-{RUN}"
+        assert sorted(repo["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert repo["files"]["adapter_model.safetensors"] == b"\x00" * 4096
+        assert repo["files"]["README.md"].decode() == _card(cfg)
+        assert repo["private"] is True
+        assert standin.validated[0]["base_model"] == cfg.model.id, "the card's metadata was validated"
+        assert len(repo["commits"]) == 1 and RUN in repo["commits"][0]["summary"]
+        assert repo["tags"] == {f"run-{RUN}": first["commit"]}
+
+        again = hub.push(cfg, adapter, RUN, PASSED, _card(cfg))
+        assert again == {"pushed": False, "reason": f"run already pushed (tag run-{RUN})",
+                         "repo_id": "medtune-org/smollm2-medqa", "commit": first["commit"], "tag": f"run-{RUN}"}
+        assert len(repo["commits"]) == 1, "a second push of the same run is a no-op"
+    assert TOKEN not in json.dumps([first, again])
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"token": None}, "no token in $HF_TOKEN"),
+    ({"repo_id": None}, "hub.repo_id is not set"),
+    ({"passed": False}, "the gate did not pass"),
+])
+def test_push_is_skipped_with_a_reason(tiny_config, adapter, monkeypatch, change, reason):
+    if change.get("token", TOKEN):
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    cfg = _cfg(tiny_config, "http://127.0.0.1:9")  # nothing listens: any request would fail the test
+    if "repo_id" in change:
+        cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": None})})
+    decision = {**PASSED, "passed": change.get("passed", True)}
+    assert hub.push(cfg, adapter, RUN, decision, "card") == {"pushed": False, "reason": reason}
+
+
+def test_wrong_token_fails_loudly_without_echoing_it(tiny_config, adapter, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with HubStandIn(TOKEN) as standin:
+        with pytest.raises(Exception) as err:
+            hub.push(_cfg(tiny_config, standin.url), adapter, RUN, PASSED, "card")
+    assert "hf_wrong" not in str(err.value)
