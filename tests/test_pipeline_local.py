@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,10 @@ def run(tmp_path_factory) -> dict:
             "--output-dir", str(workdir / "run")]
     for key, value in OVERRIDES.items():
         args += ["--set", f"{key}={value}"]
-    proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=1500)
+    # Earlier tests point MLflow at servers they have since stopped (mlflow.set_tracking_uri exports
+    # MLFLOW_TRACKING_URI); this run must start its own.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(args, cwd=workdir, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     summary["workdir"] = workdir

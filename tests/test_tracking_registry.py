@@ -25,9 +25,9 @@ def test_local_server_is_reused_and_only_its_starter_stops_it(tmp_path):
         assert uri.startswith("http://127.0.0.1:")
         with tracking.local_server(state) as again:
             assert again == uri
-        assert tracking._healthy(uri), "the inner (reusing) context must not stop the server"
+        assert tracking.healthy(uri), "the inner (reusing) context must not stop the server"
         assert (state / "mlflow.db").exists()
-    assert not tracking._healthy(uri)
+    assert not tracking.healthy(uri)
     assert not (state / "server.json").exists()
 
 
@@ -72,3 +72,17 @@ def test_registered_adapter_answers_through_pyfunc(server, tiny_config, tmp_path
     answers = mlflow.pyfunc.load_model(result["model_uri"]).predict(
         pd.DataFrame({"question": ["What is asthma?", "How is flu spread?"]}))
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_run_fails_fast_naming_an_unreachable_tracking_server(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import ROOT
+    from medtune.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--config", str(ROOT / "configs" / "local.yaml"),
+                                      "--output-dir", str(tmp_path / "run")],
+                                env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert result.exit_code == 1
+    assert "http://127.0.0.1:9" in result.output and "not reachable" in result.output
+    assert not (tmp_path / "run" / "artifacts").exists(), "nothing ran"

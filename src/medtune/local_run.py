@@ -32,8 +32,12 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
     # SIGTERM (Ctrl-C's batch cousin) must unwind like an exception so the MLflow server we started stops.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     output_dir.mkdir(parents=True, exist_ok=True)
-    console.print(f"model: {cfg.model.id} -> {models.resolve(cfg.model)}")  # fetch/convert once, up front
     external = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if external and external.startswith("http") and not tracking.healthy(external):
+        # MLflow's client retries for minutes before giving up; say what is wrong at once.
+        raise PipelineFailed(f"the MLflow server at {external} (tracking.tracking_uri or $MLFLOW_TRACKING_URI) "
+                             "is not reachable; unset both to let medtune start a local one")
+    console.print(f"model: {cfg.model.id} -> {models.resolve(cfg.model)}")  # fetch/convert once, up front
     server = nullcontext(external) if external else tracking.local_server(MLFLOW_DIR)
     with server as uri:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})})

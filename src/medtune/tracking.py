@@ -21,7 +21,7 @@ from medtune import __version__, digests, images
 from medtune.config import Config
 
 
-def _healthy(uri: str) -> bool:
+def healthy(uri: str) -> bool:
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
             return resp.status == 200
@@ -46,7 +46,7 @@ def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
     state_file = state_dir / "server.json"
     if state_file.exists():
         uri = json.loads(state_file.read_text())["uri"]
-        if _healthy(uri):
+        if healthy(uri):
             yield uri
             return
     port = _free_port()
@@ -61,7 +61,7 @@ def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     try:
         deadline = time.monotonic() + timeout_s
-        while not _healthy(uri):
+        while not healthy(uri):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"MLflow server did not start; see {state_dir / 'server.log'}")
             time.sleep(0.5)
