@@ -67,12 +67,15 @@ def _artifact(summary: dict, task: str, name: str) -> Path:
 
 
 def test_validation_counts_add_up(run):
-    report = json.loads(_artifact(run, "validate-data", "validation").read_text())
+    report = json.loads(_artifact(run, "validate-data", "validation").read_text())["summary"]
     assert report["rows_read"] == OVERRIDES["data.limit"]
     assert report["rows_read"] == report["rows_kept"] + report["rows_quarantined"]
     quarantine = pd.read_json(_artifact(run, "validate-data", "quarantine"), lines=True)
     assert len(quarantine) == report["rows_quarantined"]
     assert report["rows_kept"] > 100
+    assert set(quarantine["rule"]) <= set(report["quarantined_by_rule"])
+    docs = _artifact(run, "validate-data", "data_docs").read_text()
+    assert "<html" in docs.lower() and "expectation" in docs.lower()
 
 
 def test_splits_are_disjoint_and_fingerprinted(run):
@@ -159,4 +162,4 @@ def test_lineage_verifies_then_names_a_tampered_adapter(run):
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
     tampered = subprocess.run(verify, capture_output=True, text=True)
     assert tampered.returncode == 1
-    assert f"artifact changed: {weights}" in " ".join(tampered.stderr.split())
+    assert f"artifact changed: {weights}" in tampered.stderr

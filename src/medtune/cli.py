@@ -59,7 +59,7 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
     console.rule("medtune run finished")
     for key in ("output_dir", "report", "adapter", "decision", "mlflow_run", "model_version", "hub"):
         if summary.get(key) is not None:
-            console.print(f"[bold]{key:>14}[/]: {summary[key]}", highlight=False)
+            console.print(f"[bold]{key:>14}[/]: {summary[key]}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{'gate':>14}[/]: {'PASSED' if summary['gate']['passed'] else 'FAILED'} - "
                   f"{summary['gate']['summary']}", highlight=False)
     if json_out:
@@ -215,7 +215,7 @@ def verify(run: str = typer.Argument(..., help="Output directory or run id that 
         _fail(str(exc))
     problems = lineage.verify(path)
     for line in problems:
-        console.print(f"[red]MISMATCH[/] {line}", highlight=False)
+        console.print(f"[red]MISMATCH[/] {line}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(1)
     console.print(f"verified: every hash in {path} matches")
