@@ -24,7 +24,7 @@ DISPLAY_NAMES = {
     "validate_data": "Validate data",
     "preprocess": "Preprocess and split",
     "train": "Train LoRA/QLoRA adapter",
-    "evaluate": "Evaluate base vs candidate",
+    "evaluate": "Evaluate candidate vs base vs champion",
     "gate": "Promotion gate",
     "register": "Register model version",
     "push": "Push adapter to the Hub",
