@@ -53,7 +53,7 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
             task = pipeline(config=cfg.to_json())
         except RuntimeError as exc:
             raise PipelineFailed(f"the pipeline failed: {exc} (task logs above; artifacts in {output_dir})") from None
-        summary = summarise(task.outputs, cfg, output_dir, uri)
+        summary = summarise(task.outputs, output_dir, uri)
         record = lineage.build(cfg, summary)
         summary["lineage"] = str(lineage.write(record, output_dir))
         _log_lineage(uri, summary["run_id"], Path(summary["lineage"]))
@@ -67,7 +67,7 @@ def _log_lineage(tracking_uri: str, run_id: str, path: Path) -> None:
     mlflow.MlflowClient(tracking_uri).log_artifact(run_id, str(path), "lineage")
 
 
-def summarise(outputs: dict, cfg: Config, output_dir: Path, tracking_uri: str) -> dict:
+def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
     decision = json.loads(Path(outputs["decision"].path).read_text())
     comparison = json.loads(Path(outputs["comparison"].path).read_text())
     run_id = outputs["run_id"]
@@ -84,17 +84,12 @@ def summarise(outputs: dict, cfg: Config, output_dir: Path, tracking_uri: str) -
         "model_version": None,
         "hub": None,
     }
-    if decision["passed"]:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri)
-        versions = client.search_model_versions(f"name='{cfg.tracking.registered_model}' and run_id='{run_id}'")
-        tagged = [v for v in client.search_model_versions(f"name='{cfg.tracking.registered_model}'")
-                  if v.tags.get("medtune.run_id") == run_id]
-        found = versions or tagged
-        if found:
-            summary["model_version"] = f"{found[0].name}/{found[0].version}"
-        push = next(output_dir.glob("artifacts/*/push/hub_push"), None)
-        if push:
-            summary["hub"] = json.loads(push.read_text())
+    # register and push ran only if the gate passed; their outputs say what they did.
+    registration = next(output_dir.glob("artifacts/*/register/registration"), None)
+    if registration:
+        registered = json.loads(registration.read_text())
+        summary["model_version"] = f"{registered['name']}/{registered['version']}"
+    push = next(output_dir.glob("artifacts/*/push/hub_push"), None)
+    if push:
+        summary["hub"] = json.loads(push.read_text())
     return summary

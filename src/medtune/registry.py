@@ -6,7 +6,6 @@ answers questions; the base weights are not copied into the registry (they are r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -84,7 +83,3 @@ def set_aliases(client, name: str, version: str, decision: dict) -> dict:
             client.set_model_version_tag(name, version, "medtune.previous_champion", previous_version)
     client.set_model_version_tag(name, version, "medtune.promoted", str(promoted).lower())
     return {"alias": aliases[-1], "aliases": aliases, "previous_champion": previous_version, "promoted": promoted}
-
-
-def registration_json(result: dict) -> str:
-    return json.dumps(result, indent=2)
