@@ -4,6 +4,7 @@ They import medtune inside the function body because KFP ships only the function
 container; the image (or, locally, the current virtualenv) provides the library.
 """
 
+from components.audit import audit
 from components.evaluate import evaluate
 from components.gate import gate
 from components.open_run import open_run
@@ -13,4 +14,4 @@ from components.register import register
 from components.train import train
 from components.validate_data import validate_data
 
-__all__ = ["evaluate", "gate", "open_run", "preprocess", "push", "register", "train", "validate_data"]
+__all__ = ["audit", "evaluate", "gate", "open_run", "preprocess", "push", "register", "train", "validate_data"]

@@ -1,4 +1,7 @@
-"""The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> (register, push).
+"""The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> register -> push -> audit.
+
+The gate decides the branch: a passing run is registered, pushed, then audited; a failing one is audited
+only. Either way the run ends with its audit record (lineage.json).
 
 The pipeline function reads as the picture in the README; `place` then applies the profile's `cluster:`
 section (images, GPU pool, resources, model-cache PVC, Secrets, retries, timeouts, caching, display names)
@@ -12,7 +15,7 @@ from typing import NamedTuple
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Model
 
-from components import evaluate, gate, open_run, preprocess, push, register, train, validate_data
+from components import audit, evaluate, gate, open_run, preprocess, push, register, train, validate_data
 from medtune import config as config_mod
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,11 +31,13 @@ DISPLAY_NAMES = {
     "gate": "Promotion gate",
     "register": "Register model version",
     "push": "Push adapter to the Hub",
+    "audit": "Write audit record (lineage.json)",
 }
 # Tasks that log to MLflow (all of them) get its credentials; tasks that talk to the Hugging Face Hub
-# (dataset or model downloads, the push) get the token; tasks that load the base model mount the cache.
+# (dataset or model downloads, the push) get the token; tasks that load the base model mount the cache
+# (audit reads it to identify the base model: the snapshot commit or the directory's content).
 HUB_TASKS = ("validate_data", "preprocess", "train", "evaluate", "push")
-MODEL_TASKS = ("preprocess", "train", "evaluate")
+MODEL_TASKS = ("preprocess", "train", "evaluate", "audit")
 # The images' user is medtune (HOME=/home/medtune, see images/): Hub downloads land in this folder,
 # which is the PVC's `huggingface/` sub-folder on model tasks.
 HF_CACHE = "/home/medtune/.cache/huggingface"
@@ -52,7 +57,8 @@ class Outputs(NamedTuple):
 def build(default_config: config_mod.Config):
     @dsl.pipeline(name="medtune", description="Gated LoRA/QLoRA fine-tuning for medical question answering.")
     def medtune(config: str = default_config.to_json()) -> Outputs:
-        run = open_run(config=config, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        run = open_run(config=config, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                       kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         run_id = run.output
         data = validate_data(config=config, run_id=run_id)
         splits = preprocess(config=config, run_id=run_id, data=data.outputs["data"])
@@ -62,15 +68,28 @@ def build(default_config: config_mod.Config):
                           validation_split=splits.outputs["validation_split"], adapter=trained.outputs["adapter"])
         verdict = gate(config=config, run_id=run_id, comparison=scored.outputs["comparison"],
                        history=trained.outputs["history"], predictions=scored.outputs["predictions"])
+        # Everything the run produced, for the audit record; register and push add theirs in the passing branch.
+        evidence = dict(config=config, run_id=run_id, data=data.outputs["data"],
+                        quarantine=data.outputs["quarantine"], validation=data.outputs["validation"],
+                        data_docs=data.outputs["data_docs"], train_split=splits.outputs["train_split"],
+                        validation_split=splits.outputs["validation_split"], test_split=splits.outputs["test_split"],
+                        splits=splits.outputs["summary"], adapter=trained.outputs["adapter"],
+                        history=trained.outputs["history"], comparison=scored.outputs["comparison"],
+                        predictions=scored.outputs["predictions"], decision=verdict.outputs["decision"],
+                        report=verdict.outputs["report"])
         with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712 (KFP builds a condition from ==)
             registered = register(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
                                   decision=verdict.outputs["decision"])
             pushed = push(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
                           decision=verdict.outputs["decision"], comparison=scored.outputs["comparison"],
-                          splits=splits.outputs["summary"])
+                          splits=splits.outputs["summary"], validation=data.outputs["validation"],
+                          registration=registered.outputs["registration"])
+            promoted = audit(**evidence, registration=registered.outputs["registration"],
+                             hub_push=pushed.outputs["hub_push"])
+        with dsl.Else():
+            rejected = audit(**evidence)
 
-        place({"open_run": run, "validate_data": data, "preprocess": splits, "train": trained,
-               "evaluate": scored, "gate": verdict, "register": registered, "push": pushed}, default_config)
+        place([run, data, splits, trained, scored, verdict, registered, pushed, promoted, rejected], default_config)
         return Outputs(run_id=run_id, passed=verdict.outputs["Output"], decision=verdict.outputs["decision"],
                        report=verdict.outputs["report"], adapter=trained.outputs["adapter"],
                        comparison=scored.outputs["comparison"])
@@ -78,10 +97,11 @@ def build(default_config: config_mod.Config):
     return medtune
 
 
-def place(tasks: dict, cfg: config_mod.Config) -> None:
-    """Apply the cluster settings of `cfg` to each task of the DAG (keyed by component name)."""
+def place(tasks: list, cfg: config_mod.Config) -> None:
+    """Apply the cluster settings of `cfg` to each task of the DAG (by its component's name)."""
     cluster = cfg.cluster
-    for name, task in tasks.items():
+    for task in tasks:
+        name = task.component_spec.name.replace("-", "_")
         task.set_display_name(DISPLAY_NAMES[name])
         task.set_caching_options(name in cluster.cached_tasks)
         if name in cluster.retries:

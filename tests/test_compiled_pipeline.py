@@ -17,7 +17,8 @@ from pipelines import pipeline as pipeline_mod
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ROOT / "pipelines" / "medtune.yaml"
 PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
-TASKS = ("open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push")
+TASKS = ("open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
+         "audit", "audit_2")
 
 
 def _docs(path: Path) -> tuple[dict, dict]:
@@ -34,7 +35,8 @@ def cfg() -> config_mod.Config:
 def compiled() -> dict:
     spec, platform = _docs(COMPILED)
     tasks = dict(spec["root"]["dag"]["tasks"])
-    tasks.update(spec["components"]["comp-condition-1"]["dag"]["tasks"])
+    tasks.update(spec["components"]["comp-condition-2"]["dag"]["tasks"])  # the gate passed
+    tasks.update(spec["components"]["comp-condition-3"]["dag"]["tasks"])  # it did not
     by_name = {}
     for name in TASKS:
         task = tasks[name.replace("_", "-")]
@@ -100,8 +102,9 @@ def test_no_secret_value_reaches_the_compiled_yaml(tmp_path, monkeypatch):
 
 def test_retries_and_timeouts_as_configured(compiled, cfg):
     retries, timeouts = cfg.cluster.retries, cfg.cluster.timeouts_s
-    assert set(retries) == {"validate_data", "preprocess", "train", "register", "push"}
-    for name, t in compiled["tasks"].items():
+    assert set(retries) == {"validate_data", "preprocess", "train", "register", "push", "audit"}
+    for task, t in compiled["tasks"].items():
+        name = task.removesuffix("_2")  # audit_2: the audit in the branch where the gate failed
         policy = t["task"].get("retryPolicy")
         if name in retries:
             r = retries[name]
@@ -122,19 +125,44 @@ def test_caching_on_for_data_steps_off_for_the_rest(compiled):
     assert compiled["tasks"]["push"]["task"]["cachingOptions"] == {}
 
 
-def test_register_and_push_sit_inside_the_gate_branch(compiled):
+def test_gate_branches_register_push_and_audit_or_audit_only(compiled):
     spec = compiled["spec"]
     root = spec["root"]["dag"]["tasks"]
-    assert not {"register", "push"} & set(root)
-    condition = root["condition-1"]
-    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
-    assert condition["inputs"]["parameters"]["pipelinechannel--gate-Output"]["taskOutputParameter"] == \
-        {"outputParameterKey": "Output", "producerTask": "gate"}
-    assert set(spec["components"]["comp-condition-1"]["dag"]["tasks"]) == {"register", "push"}
+    assert not {"register", "push", "audit"} & set(root)
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    passed = "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
+    assert branches["condition-2"]["triggerPolicy"]["condition"] == passed
+    assert branches["condition-3"]["triggerPolicy"]["condition"] == f"!({passed})"
+    assert root["condition-branches-1"]["inputs"]["parameters"]["pipelinechannel--gate-Output"][
+        "taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "gate"}
+    promoted = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    assert set(promoted) == {"register", "push", "audit"}
+    assert set(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == {"audit-2"}
     # The DAG order: each step consumes the previous one's outputs.
     assert set(root["train"]["dependentTasks"]) >= {"preprocess"}
     assert set(root["evaluate"]["dependentTasks"]) >= {"train", "preprocess"}
     assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "train"}
+    assert promoted["push"]["dependentTasks"] == ["register"], "the Hub tag names the registered version"
+    assert sorted(promoted["audit"]["dependentTasks"]) == ["push", "register"]
+
+
+def test_audit_receives_every_artifact_of_the_run(compiled):
+    spec = compiled["spec"]
+    produced = {(task, key) for task, t in spec["root"]["dag"]["tasks"].items() if not task.startswith("condition")
+                for key in spec["components"][t["componentRef"]["name"]].get("outputDefinitions", {})
+                .get("artifacts", {})}
+    produced -= {("train", "metrics"), ("evaluate", "base_metrics"), ("evaluate", "candidate_metrics")}  # in
+    # comparison and history, which are audited
+
+    def sources(task: dict) -> set:  # "<producer task>-<output>" for each artifact the task reads
+        return {a["componentInputArtifact"].removeprefix("pipelinechannel--") if "componentInputArtifact" in a
+                else "{producerTask}-{outputArtifactKey}".format(**a["taskOutputArtifact"])
+                for a in task["inputs"]["artifacts"].values()}
+
+    rejected = sources(compiled["tasks"]["audit_2"]["task"])
+    assert rejected == {f"{task}-{key}" for task, key in produced}
+    promoted = sources(compiled["tasks"]["audit"]["task"])
+    assert promoted == rejected | {"register-registration", "push-hub_push"}
 
 
 def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
@@ -142,7 +170,7 @@ def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
     assert cfg.data.path.startswith(cfg.cluster.data_mount + "/")  # the data PVC holds data.path
     for name, t in compiled["tasks"].items():
         mounts = [(m["constant"], m["mountPath"], m.get("subPath", "")) for m in t["k8s"].get("pvcMount", [])]
-        if name in ("preprocess", "train", "evaluate"):
+        if name in ("preprocess", "train", "evaluate", "audit", "audit_2"):
             assert mounts == [("medtune-model-cache", "/models", ""),
                               ("medtune-model-cache", pipeline_mod.HF_CACHE, "huggingface")]
         elif name == "validate_data":
@@ -198,12 +226,13 @@ def test_relative_cache_dir_is_refused_for_the_cluster(tmp_path):
 
 def test_local_runner_runs_tasks_placed_for_the_cluster(tmp_path):
     """kfp.local must accept every setting `place` adds: it ignores the Kubernetes ones (GPU, selectors,
-    tolerations, PVCs, Secrets, timeouts, images) and honours retries. Two trivial components stand in for
-    the real steps so this runs in seconds; the first fails once and succeeds on its retry."""
+    tolerations, PVCs, Secrets, timeouts, images) and honours retries. Two trivial components, named like
+    the steps they stand in for (`place` goes by component name), run in seconds; `train` fails once and
+    succeeds on its retry."""
     from kfp import compiler, components, dsl, local
 
     @dsl.component(base_image="python:3.11", install_kfp_package=False)
-    def flaky(marker: str) -> str:
+    def train(marker: str) -> str:
         from pathlib import Path
 
         path = Path(marker)
@@ -213,7 +242,7 @@ def test_local_runner_runs_tasks_placed_for_the_cluster(tmp_path):
         return "ok"
 
     @dsl.component(base_image="python:3.11", install_kfp_package=False)
-    def echo(text: str) -> str:
+    def push(text: str) -> str:
         return text + "!"
 
     cfg = config_mod.load(PROFILE)
@@ -222,9 +251,9 @@ def test_local_runner_runs_tasks_placed_for_the_cluster(tmp_path):
 
     @dsl.pipeline(name="placed")
     def placed(marker: str) -> str:
-        first = flaky(marker=marker)
-        second = echo(text=first.output)
-        pipeline_mod.place({"train": first, "push": second}, cfg)
+        first = train(marker=marker)
+        second = push(text=first.output)
+        pipeline_mod.place([first, second], cfg)
         return second.output
 
     package = tmp_path / "placed.yaml"

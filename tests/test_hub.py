@@ -57,27 +57,61 @@ def test_model_card_metadata_and_sections(tiny_config):
         assert text in card.text, text
 
 
+REGISTRATION = {"name": "medtune-qa", "version": "7"}
+
+
+def _cards(cfg):
+    card = _card(cfg)
+    return {"adapter": card, "merged": modelcard.render(cfg, RUN, COMPARISON, PASSED, SPLITS, "c" * 64,
+                                                        REGISTRATION, merged=True)}
+
+
 def test_push_sends_adapter_and_card_once_per_run(tiny_config, adapter, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with HubStandIn(TOKEN) as standin:
         cfg = _cfg(tiny_config, standin.url)
         standin.fail_next["tag"] = 503  # a transient error is retried, not fatal
-        first = hub.push(cfg, adapter, RUN, PASSED, _card(cfg))
+        first = hub.push(cfg, adapter, RUN, PASSED, _cards(cfg), REGISTRATION)
         repo = standin.repos["medtune-org/smollm2-medqa"]
-        assert first["pushed"] and first["tag"] == f"run-{RUN}"
-        assert sorted(repo["files"]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert first["pushed"] and first["tags"] == ["v7", f"run-{RUN}"]
+        assert first["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(repo["files"]) == first["files"]
         assert repo["files"]["adapter_model.safetensors"] == b"\x00" * 4096
         assert repo["files"]["README.md"].decode() == _card(cfg)
         assert repo["private"] is True
         assert standin.validated[0]["base_model"] == cfg.model.id, "the card's metadata was validated"
-        assert len(repo["commits"]) == 1 and RUN in repo["commits"][0]["summary"]
-        assert repo["tags"] == {f"run-{RUN}": first["commit"]}
+        assert len(repo["commits"]) == 1
+        assert repo["commits"][0]["summary"] == f"medtune run {RUN}: gate passed, medtune-qa version 7"
+        assert repo["tags"] == {"v7": first["commit"], f"run-{RUN}": first["commit"]}
+        assert "merged" not in first and "medtune-org/smollm2-medqa-merged" not in standin.repos
 
-        again = hub.push(cfg, adapter, RUN, PASSED, _card(cfg))
+        again = hub.push(cfg, adapter, RUN, PASSED, _cards(cfg), REGISTRATION)
         assert again == {"pushed": False, "reason": f"run already pushed (tag run-{RUN})",
-                         "repo_id": "medtune-org/smollm2-medqa", "commit": first["commit"], "tag": f"run-{RUN}"}
+                         "repo_id": "medtune-org/smollm2-medqa", "commit": first["commit"],
+                         "tags": [f"run-{RUN}", "v7"]}
         assert len(repo["commits"]) == 1, "a second push of the same run is a no-op"
     assert TOKEN not in json.dumps([first, again])
+
+
+def test_merged_export_goes_to_its_own_repo_with_its_own_card(tiny_config, adapter, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    (adapter / "merged").mkdir()
+    (adapter / "merged" / "model.safetensors").write_bytes(b"\x01" * 8192)
+    (adapter / "merged" / "config.json").write_text('{"model_type": "llama"}')
+    with HubStandIn(TOKEN) as standin:
+        cfg = _cfg(tiny_config, standin.url)
+        result = hub.push(cfg, adapter, RUN, PASSED, _cards(cfg), REGISTRATION)
+        adapter_repo = standin.repos["medtune-org/smollm2-medqa"]
+        merged_repo = standin.repos["medtune-org/smollm2-medqa-merged"]
+    assert not any(name.startswith("merged") for name in adapter_repo["files"]), "not nested in the adapter repo"
+    assert result["merged"]["files"] == ["README.md", "config.json", "model.safetensors"] == sorted(merged_repo["files"])
+    assert merged_repo["private"] and merged_repo["tags"] == {"v7": result["merged"]["commit"],
+                                                             f"run-{RUN}": result["merged"]["commit"]}
+    meta = ModelCard(merged_repo["files"]["README.md"].decode()).data.to_dict()
+    assert meta["library_name"] == "transformers" and meta["base_model_relation"] == "merge"
+    assert meta["model-index"][0]["name"] == "medtune-org/smollm2-medqa-merged"
+    assert "merged into its weights" in merged_repo["files"]["README.md"].decode()
+    assert "version 7 (tag `v7` here)" in merged_repo["files"]["README.md"].decode()
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -94,12 +128,12 @@ def test_push_is_skipped_with_a_reason(tiny_config, adapter, monkeypatch, change
     if "repo_id" in change:
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": None})})
     decision = {**PASSED, "passed": change.get("passed", True)}
-    assert hub.push(cfg, adapter, RUN, decision, "card") == {"pushed": False, "reason": reason}
+    assert hub.push(cfg, adapter, RUN, decision, {"adapter": "card"}) == {"pushed": False, "reason": reason}
 
 
 def test_wrong_token_fails_loudly_without_echoing_it(tiny_config, adapter, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with HubStandIn(TOKEN) as standin:
         with pytest.raises(Exception) as err:
-            hub.push(_cfg(tiny_config, standin.url), adapter, RUN, PASSED, "card")
+            hub.push(_cfg(tiny_config, standin.url), adapter, RUN, PASSED, {"adapter": "card"})
     assert "hf_wrong" not in str(err.value)

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 
 from conftest import MEDQUAD, ROOT
+from medtune import lineage
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def run(tmp_path_factory) -> dict:
         pytest.skip(f"MedQuAD not found at {MEDQUAD}")
     workdir = tmp_path_factory.mktemp("e2e")
     args = [str(MEDTUNE), "run", "--config", str(ROOT / "configs" / "local.yaml"), "--json",
-            "--output-dir", str(workdir / "run")]
+            "--output-dir", str(workdir / "runs" / "e2e")]
     for key, value in OVERRIDES.items():
         args += ["--set", f"{key}={value}"]
     # Earlier tests point MLflow at servers they have since stopped (mlflow.set_tracking_uri exports
@@ -149,20 +150,44 @@ def test_mlflow_parent_run_has_every_step(run):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{run['run_id']}'")
     steps = {c.data.tags["mlflow.runName"] for c in children}
-    assert {"validate_data", "preprocess", "train", "evaluate", "gate", "register", "push"} <= steps
+    assert {"validate_data", "preprocess", "train", "evaluate", "gate", "register", "push", "audit"} <= steps
+
+
+def test_the_audit_step_writes_one_record_linked_from_mlflow(run):
+    written = _artifact(run, "audit", "lineage")
+    assert Path(run["lineage"]).read_bytes() == written.read_bytes(), "the run folder keeps the step's record"
+    assert not list(Path(run["output_dir"]).glob("artifacts/*/audit-2")), "one audit per run: the passing branch"
+    record = json.loads(written.read_text())
+    assert record["run"]["mlflow_run_id"] == run["run_id"] and record["run"]["runner"] == "kfp.local"
+    assert record["run"]["pipeline_run"] == written.parents[1].name
+    assert record["mlflow"]["model_version"] == run["model_version"]
+    assert record["data"]["path"] == str(MEDQUAD) and len(record["data"]["files"]) >= 1
+    assert record["data"]["rows_read"] == record["data"]["rows_kept"] + record["data"]["rows_quarantined"]
+    assert record["splits"]["test"]["rows"] > 0
+    base = record["base_model"]
+    assert base["source"] == "pypi_gguf" and len(base["sha256"]) == 64, "a converted model: by its content"
+    adapter = record["artifacts"]["train/adapter"]
+    assert adapter["uri"] == run["adapter"] and "adapter_model.safetensors" in adapter["files"]
+    assert set(record["artifacts"]) >= {"validate_data/quarantine", "preprocess/test_split", "gate/report",
+                                        "register/registration", "push/hub_push"}
+
+    db = run["workdir"] / ".medtune" / "mlflow" / "mlflow.db"
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    digest = lineage.sha256_file(written)
+    assert client.get_run(run["run_id"]).data.tags["medtune.lineage_sha256"] == digest
+    name, version = run["model_version"].split("/")
+    assert client.get_model_version(name, version).tags["medtune.lineage_sha256"] == digest
 
 
 def test_lineage_verifies_then_names_a_tampered_adapter(run):
     """Runs last: it changes the run's adapter."""
-    record = json.loads(Path(run["lineage"]).read_text())
-    assert record["mlflow"]["model_version"] == run["model_version"]
-    assert record["splits"]["test"]["rows"] > 0
-    verify = [str(MEDTUNE), "verify", run["output_dir"]]
-    ok = subprocess.run(verify, capture_output=True, text=True)
+    verify = [str(MEDTUNE), "verify", run["run_id"]]  # by run id, from the directory `medtune run` ran in
+    ok = subprocess.run(verify, capture_output=True, text=True, cwd=run["workdir"])
     assert ok.returncode == 0, ok.stderr
+    assert "verified:" in ok.stderr and "not checked" not in ok.stderr
 
     weights = Path(run["adapter"]) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
-    tampered = subprocess.run(verify, capture_output=True, text=True)
+    tampered = subprocess.run(verify, capture_output=True, text=True, cwd=run["workdir"])
     assert tampered.returncode == 1
     assert f"artifact changed: {weights}" in tampered.stderr

@@ -86,3 +86,59 @@ def test_run_fails_fast_naming_an_unreachable_tracking_server(tmp_path):
     assert result.exit_code == 1
     assert "http://127.0.0.1:9" in result.output and "not reachable" in result.output
     assert not (tmp_path / "run" / "artifacts").exists(), "nothing ran"
+
+
+def test_push_and_audit_link_run_registry_version_and_hub_commit(server, tiny_config, tmp_path, monkeypatch):
+    """register -> push -> audit as the passing branch runs them, on a real server; the Hub is the local
+    stand-in (tests/hub_standin.py) because the real one cannot be reached from here."""
+    import json
+
+    from peft import get_peft_model
+
+    from hub_standin import HubStandIn
+    from medtune import lineage, models, steps, train
+
+    token = "hf_standin_token"
+    monkeypatch.setenv("HF_TOKEN", token)
+    adapter = tmp_path / "adapter"
+    get_peft_model(models.load_model(tiny_config.model, tiny_config.train),
+                   train.lora_config(tiny_config)).save_pretrained(adapter)
+    files = {"validation": {"summary": {"rows_read": 5, "rows_kept": 4, "rows_quarantined": 1,
+                                        "source": lineage.source_record(tiny_config.data.path)}},
+             "splits": {"splits": {"test": {"rows": 2, "fingerprint": "f" * 64}}},
+             "comparison": {"n": 2, "base": {"rougeL": 0.1}, "candidate": {"rougeL": 0.2}, "ci": {}},
+             "decision": {"passed": True, "summary": "1 of 1 rules passed", "checks": []}}
+    paths = {name: tmp_path / name for name in files}
+    for name, content in files.items():
+        paths[name].write_text(json.dumps(content))
+    with HubStandIn(token) as standin:
+        cfg = _with_uri(tiny_config, server)
+        cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": "org/qa", "endpoint": standin.url})})
+        config_json = cfg.to_json()
+        run_id = steps.open_run(config_json, "medtune-run-3", "kfp-uuid-3")
+        registration = steps.register(config_json, run_id, str(adapter), str(paths["decision"]),
+                                      str(tmp_path / "registration"))
+        pushed = steps.push(config_json, run_id, str(adapter), str(paths["decision"]), str(paths["comparison"]),
+                            str(paths["splits"]), str(paths["validation"]), str(tmp_path / "registration"),
+                            str(tmp_path / "hub_push"))
+        card = standin.repos["org/qa"]["files"]["README.md"].decode()
+    assert pushed["tags"] == [f"v{registration['version']}", f"run-{run_id}"]
+    assert lineage.source_record(tiny_config.data.path)["sha256"] in card, "the card names the data by hash"
+    keyed = {"validate_data/validation": paths["validation"], "preprocess/summary": paths["splits"],
+             "train/adapter": adapter, "evaluate/comparison": paths["comparison"], "gate/decision": paths["decision"],
+             "register/registration": tmp_path / "registration", "push/hub_push": tmp_path / "hub_push"}
+    record = steps.audit(config_json, run_id, {k: (str(p), str(p)) for k, p in keyed.items()},
+                         str(tmp_path / "lineage"))
+
+    assert record["run"]["pipeline_run"] == "medtune-run-3" and record["run"]["kfp_run_id"] == "kfp-uuid-3"
+    assert record["hub"]["commit"] == pushed["commit"]
+    client = mlflow.MlflowClient(server)
+    version = client.get_model_version(registration["name"], registration["version"])
+    digest = lineage.sha256_file(tmp_path / "lineage")
+    assert version.tags["medtune.hub_commit"] == pushed["commit"] and version.tags["medtune.hub_repo"] == "org/qa"
+    assert version.tags["medtune.lineage_sha256"] == digest == client.get_run(run_id).data.tags[
+        "medtune.lineage_sha256"]
+    mlflow.set_tracking_uri(server)
+    logged = mlflow.artifacts.load_text(f"runs:/{run_id}/lineage/lineage.json")
+    assert logged == (tmp_path / "lineage").read_text()
+    assert token not in logged

@@ -185,7 +185,8 @@ def evaluate_cmd(data: Path = typer.Option(..., "--data", help="Dataset the inge
 
 
 @app.command("lineage")
-def lineage_(run: str = typer.Argument(..., help="Output directory or run id that `medtune run` printed.")):
+def lineage_(run: str = typer.Argument(..., help="Output directory, lineage.json, or run id that `medtune run` "
+                                                 "printed.")):
     """Print a run's audit record: data, code, config, model, artifacts, metrics, gate, registry, Hub."""
     from medtune import lineage
 
@@ -193,19 +194,37 @@ def lineage_(run: str = typer.Argument(..., help="Output directory or run id tha
         record = json.loads(lineage.find(run).read_text())
     except FileNotFoundError as exc:
         _fail(str(exc))
-    rows = [("run", record["run"]["run_id"]), ("code", f"{record['code']['version']} @ {record['code']['git_sha']}"),
+    base, hub = record["base_model"], record["hub"] or {}
+    metrics = record["metrics"]
+    rows = [("run", f"MLflow {record['run']['mlflow_run_id']}, pipeline {record['run']['pipeline_run']} "
+                    f"({record['run']['runner']}), started by {record['run']['started_by']}"),
+            ("code", f"medtune {record['code']['version']} @ {record['code']['git_sha']}, "
+                     f"{record['code']['lock']['path']} sha256 {record['code']['lock']['sha256']}"),
             ("config sha256", record["config"]["sha256"]),
-            ("base model", f"{record['base_model']['id']} ({record['base_model'].get('sha256') or record['base_model']['revision']})"),
-            ("data", f"{record['data']['path']} sha256 {record['data']['sha256']}")]
+            ("images", json.dumps(record["images"]) if record["images"] else "none (kfp.local: this virtualenv)"),
+            ("base model", f"{base['id']} @ {base['commit'] or base['revision']}"
+                           + (f", content sha256 {base['sha256']}" if base["sha256"] else "")),
+            ("data", f"{record['data']['path']} sha256 {record['data']['sha256']}: {record['data']['rows_read']} "
+                     f"rows read, {record['data']['rows_kept']} kept, {record['data']['rows_quarantined']} "
+                     "quarantined")]
     rows += [(f"split {name}", f"{s['rows']} rows, sha256 {s['fingerprint']}") for name, s in record["splits"].items()]
-    rows += [("artifacts", f"{len(record['artifacts'])} files hashed"), ("gate", json.dumps(record["gate"])),
-             ("model version", str(record["mlflow"]["model_version"])), ("hub", json.dumps(record["hub"]))]
+    rows += [(f"{name} metrics", ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics[name].items())
+                                           if isinstance(v, float)))
+             for name in ("base", "candidate", "champion") if metrics.get(name)]
+    rows += [("artifacts", f"{len(record['artifacts'])} artifacts, "
+                           f"{sum(len(a['files']) for a in record['artifacts'].values())} files hashed"),
+             ("gate", f"{'PASSED' if record['gate']['passed'] else 'FAILED'}: {record['gate']['summary']}"),
+             ("approved by", record["gate"]["approved_by"]),
+             ("model version", f"{record['mlflow']['model_version']} {record['mlflow']['aliases']}"),
+             ("hub", f"{hub['repo_id']}@{hub['commit']} {hub.get('tags', [])}" if hub.get("commit")
+                     else hub.get("reason", "not pushed"))]
     for key, value in rows:
-        console.print(f"[bold]{key:>14}[/]: {value}", highlight=False)
+        console.print(f"[bold]{key:>15}[/]: {value}", highlight=False, soft_wrap=True)
 
 
 @app.command()
-def verify(run: str = typer.Argument(..., help="Output directory or run id that `medtune run` printed.")):
+def verify(run: str = typer.Argument(..., help="Output directory, lineage.json, or run id that `medtune run` "
+                                               "printed.")):
     """Recompute every hash in the run's lineage.json; exit 1 naming each file that changed."""
     from medtune import lineage
 
@@ -213,12 +232,16 @@ def verify(run: str = typer.Argument(..., help="Output directory or run id that 
         path = lineage.find(run)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    problems = lineage.verify(path)
-    for line in problems:
+    result = lineage.verify(path)
+    for line in result.problems:
         console.print(f"[red]MISMATCH[/] {line}", highlight=False, soft_wrap=True)
-    if problems:
+    for uri in result.unreachable:
+        console.print(f"[yellow]NOT CHECKED[/] {uri}: artifact store not reachable from here", highlight=False,
+                      soft_wrap=True)
+    if result.problems:
         raise typer.Exit(1)
-    console.print(f"verified: every hash in {path} matches")
+    console.print(f"verified: {result.checked} files match {path}"
+                  + (f"; {len(result.unreachable)} artifacts not checked" if result.unreachable else ""))
 
 
 @data_app.command("validate")

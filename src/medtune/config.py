@@ -246,7 +246,8 @@ class HubConfig(Strict):
     license: str = "apache-2.0"
 
 
-TaskName = Literal["open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push"]
+TaskName = Literal["open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
+                   "audit"]
 # repository[:port/path]:tag[@sha256:digest]; a tag is required and `latest` is refused (not a pin).
 IMAGE_REF = r"^[a-z0-9][a-z0-9._/:-]*?:([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(@sha256:[0-9a-f]{64})?$"
 
@@ -293,11 +294,11 @@ class ClusterConfig(Strict):
     retries: dict[TaskName, RetryPolicy] = {
         "validate_data": RetryPolicy(retries=2), "preprocess": RetryPolicy(retries=3),
         "train": RetryPolicy(retries=1, backoff_s=60), "register": RetryPolicy(retries=3),
-        "push": RetryPolicy(retries=3),
+        "push": RetryPolicy(retries=3), "audit": RetryPolicy(retries=2),
     }
     timeouts_s: dict[TaskName, int] = {
         "open_run": 600, "validate_data": 3600, "preprocess": 3600, "train": 6 * 3600, "evaluate": 3 * 3600,
-        "gate": 900, "register": 1800, "push": 1800,
+        "gate": 900, "register": 1800, "push": 1800, "audit": 1800,
     }
     cached_tasks: list[TaskName] = ["validate_data", "preprocess"]
     pipeline_name: str = "medtune"

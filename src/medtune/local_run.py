@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import warnings
@@ -31,6 +32,7 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
 
     # SIGTERM (Ctrl-C's batch cousin) must unwind like an exception so the MLflow server we started stops.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    output_dir = output_dir.resolve()  # artifact URIs in the audit record are these paths
     output_dir.mkdir(parents=True, exist_ok=True)
     external = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if external and external.startswith("http") and not tracking.healthy(external):
@@ -54,17 +56,8 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
         except RuntimeError as exc:
             raise PipelineFailed(f"the pipeline failed: {exc} (task logs above; artifacts in {output_dir})") from None
         summary = summarise(task.outputs, output_dir, uri)
-        record = lineage.build(cfg, summary)
-        summary["lineage"] = str(lineage.write(record, output_dir))
-        _log_lineage(uri, summary["run_id"], Path(summary["lineage"]))
     (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def _log_lineage(tracking_uri: str, run_id: str, path: Path) -> None:
-    import mlflow
-
-    mlflow.MlflowClient(tracking_uri).log_artifact(run_id, str(path), "lineage")
 
 
 def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
@@ -85,11 +78,15 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         "hub": None,
     }
     # register and push ran only if the gate passed; their outputs say what they did.
-    registration = next(output_dir.glob("artifacts/*/register/registration"), None)
+    tasks = Path(outputs["decision"].path).parents[1]  # this pipeline run's folder: <root>/<run>/<task>/...
+    registration = next(tasks.glob("register/registration"), None)
     if registration:
         registered = json.loads(registration.read_text())
         summary["model_version"] = f"{registered['name']}/{registered['version']}"
-    push = next(output_dir.glob("artifacts/*/push/hub_push"), None)
+    push = next(tasks.glob("push/hub_push"), None)
     if push:
         summary["hub"] = json.loads(push.read_text())
+    # The audit step (`audit` or `audit-2`, one per gate branch) wrote the record; keep a copy at the top
+    # of the output directory, where `medtune lineage` and `medtune verify` look for it.
+    summary["lineage"] = str(shutil.copyfile(next(tasks.glob("audit*/lineage")), output_dir / lineage.FILENAME))
     return summary

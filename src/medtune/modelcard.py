@@ -18,8 +18,14 @@ TEMPLATE = """
 
 # {{ model_name }}
 
+{% if merged -%}
+**{{ base_model }}** with a {{ method }} adapter merged into its weights, fine-tuned by
+[medtune](https://github.com/medtune/medtune) for medical question answering. Loads with plain `transformers`.
+{%- else -%}
 A LoRA adapter for **{{ base_model }}** ({{ method }}), fine-tuned by [medtune](https://github.com/medtune/medtune)
-for medical question answering. Pipeline run `{{ run_id }}`.
+for medical question answering.
+{%- endif %} Pipeline run `{{ run_id }}`{% if registration %}; MLflow
+model `{{ registration.name }}` version {{ registration.version }} (tag `v{{ registration.version }}` here){% endif %}.
 
 ## Intended use
 Answering general health-information questions in English, in products where a qualified person reviews what
@@ -67,7 +73,13 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: dict, data_sha256: str | None) -> str:
+def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: dict, data_sha256: str | None,
+           registration: dict | None = None, merged: bool = False) -> str:
+    """The README.md for the adapter repo, or (merged=True) for the repo of the merged export."""
+    from medtune.hub import merged_repo_id
+
+    name = cfg.hub.repo_id or cfg.name
+    name = merged_repo_id(name) if merged else name
     candidate, base = comparison.get("candidate") or {}, comparison.get("base") or {}
     cis = (comparison.get("ci") or {}).get("candidate_vs_base", {})
     dataset = cfg.data.path if cfg.data.path.startswith("hf://") else "medtune-local"
@@ -75,10 +87,11 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
                           dataset_name=f"{cfg.name} test split", dataset_split="test", metric_type=name,
                           metric_name=name, metric_value=round(candidate[name], 4))
                for name in REPORTED if candidate.get(name) is not None]
-    data = ModelCardData(base_model=cfg.model.id, library_name="peft", license=cfg.hub.license,
+    data = ModelCardData(base_model=cfg.model.id, base_model_relation="merge" if merged else "adapter",
+                         library_name="transformers" if merged else "peft", license=cfg.hub.license,
                          language="en", pipeline_tag="text-generation",
                          tags=["medical", "lora", cfg.train.method, "medtune"],
-                         model_name=cfg.hub.repo_id or cfg.name, eval_results=results or None)
+                         model_name=name, eval_results=results or None)
     rows = []
     for name in REPORTED:
         ci = cis.get(name) or {}
@@ -87,7 +100,8 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
                      "delta": delta})
     confidence = f"{int(100 * (comparison.get('bootstrap') or {}).get('confidence', 0.95))}%"
     return ModelCard.from_template(
-        data, template_str=TEMPLATE, model_name=cfg.hub.repo_id or cfg.name, base_model=cfg.model.id,
+        data, template_str=TEMPLATE, model_name=name, base_model=cfg.model.id,
         method=cfg.train.method, run_id=run_id, data_path=cfg.data.path, data_sha256=data_sha256 or "n/a",
         splits=splits, n=comparison.get("n", "?"), confidence=confidence, rows=rows, gate=decision,
+        registration=registration, merged=merged,
     ).content

@@ -106,6 +106,18 @@ def _revision(cfg: ModelConfig) -> str | None:
     return cfg.revision if cfg.source == "hub" else None
 
 
+def hub_commit(cfg: ModelConfig) -> str | None:
+    """The commit of the cached Hub snapshot `from_pretrained` loaded (a branch like `main` moves; this
+    does not). Read from the cache, never the network; None when the model is not in the cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(cfg.id, revision=cfg.revision, local_files_only=True)).name
+    except LocalEntryNotFoundError:
+        return None
+
+
 def native_bf16(dev: torch.device | None = None) -> bool:
     """Whether bf16 matmuls run at least as fast as float32 here (not emulated)."""
     dev = dev or device()

@@ -19,22 +19,26 @@ def _cfg(config_json: str) -> config_mod.Config:
     return config_mod.from_json(config_json)
 
 
-def open_run(config_json: str, pipeline_run: str) -> str:
-    return tracking.open_run(_cfg(config_json), pipeline_run)
+def open_run(config_json: str, pipeline_run: str, kfp_run_id: str = "") -> str:
+    return tracking.open_run(_cfg(config_json), pipeline_run, kfp_run_id)
 
 
 def validate_data(config_json: str, run_id: str, data_dir: str, quarantine_path: str, report_path: str,
                   docs_path: str | None = None) -> dict:
-    from medtune import validate
+    from medtune import lineage, validate
 
     cfg = _cfg(config_json)
     with tracking.step(cfg, run_id, "validate_data"):
+        # The source is hashed here because this is the step that can read it (the data PVC on a cluster).
+        source = lineage.source_record(cfg.data.path)
         try:
             result = validate.validate(cfg.data, _data_tokenizer(cfg))
         except validate.ValidationStopped as stop:
             # The run stops, but with its evidence: quarantine, report and Data Docs are still logged.
+            stop.validation.summary["source"] = source
             _log_validation(stop.validation, None, quarantine_path, report_path, docs_path)
             raise
+        result.summary["source"] = source
         counts = _log_validation(result, data_dir, quarantine_path, report_path, docs_path)
     tracking.log_parent_metrics(run_id, counts, "data.")
     return result.summary
@@ -212,20 +216,51 @@ def register(config_json: str, run_id: str, adapter_dir: str, decision_path: str
 
 
 def push(config_json: str, run_id: str, adapter_dir: str, decision_path: str, comparison_path: str,
-         splits_path: str, output_path: str) -> dict:
-    from medtune import hub, lineage, modelcard
+         splits_path: str, validation_path: str, registration_path: str, output_path: str) -> dict:
+    from medtune import hub, modelcard
 
     cfg = _cfg(config_json)
     decision = json.loads(Path(decision_path).read_text())
+    registration = json.loads(Path(registration_path).read_text())
     splits = json.loads(Path(splits_path).read_text())["splits"]
-    data = Path(cfg.data.path)
-    data_sha256 = lineage.tree_digest(lineage.hash_files(data)) if data.exists() else None
-    card = modelcard.render(cfg, run_id, json.loads(Path(comparison_path).read_text()), decision,
-                            {n: {"rows": s["rows"], "fingerprint": s["fingerprint"]} for n, s in splits.items()},
-                            data_sha256)
+    data_sha256 = json.loads(Path(validation_path).read_text())["summary"]["source"]["sha256"]
+    card_inputs = (cfg, run_id, json.loads(Path(comparison_path).read_text()), decision,
+                   {n: {"rows": s["rows"], "fingerprint": s["fingerprint"]} for n, s in splits.items()}, data_sha256,
+                   registration)
+    cards = {"adapter": modelcard.render(*card_inputs), "merged": modelcard.render(*card_inputs, merged=True)}
     with tracking.step(cfg, run_id, "push"):
-        result = hub.push(cfg, Path(adapter_dir), run_id, decision, card)
+        result = hub.push(cfg, Path(adapter_dir), run_id, decision, cards, registration)
         mlflow.log_dict(result, "push/result.json")
-        mlflow.log_text(card, "push/README.md")
+        mlflow.log_text(cards["adapter"], "push/README.md")
+    if result.get("commit"):  # the registry version points at what the Hub serves, and back
+        client = mlflow.MlflowClient()
+        for key, value in {"medtune.hub_repo": result["repo_id"], "medtune.hub_commit": result["commit"]}.items():
+            client.set_model_version_tag(registration["name"], registration["version"], key, value)
     Path(output_path).write_text(json.dumps(result, indent=2))
     return result
+
+
+def audit(config_json: str, run_id: str, artifacts: dict[str, tuple[str, str]], lineage_path: str) -> dict:
+    """Write the run's audit record from every artifact the DAG produced (keyed "task/output": (uri, path));
+    log it on the MLflow run and tag its hash on the run and on the registered version."""
+    import hashlib
+
+    from medtune import lineage
+
+    cfg = _cfg(config_json)
+    with tracking.step(cfg, run_id, "audit"):
+        client = mlflow.MlflowClient()
+        tags = client.get_run(run_id).data.tags
+        run = {"mlflow_run_id": run_id, "pipeline_run": tags.get("medtune.pipeline_run"),
+               "kfp_run_id": tags.get("medtune.kfp_run_id"), "started_by": tags.get("mlflow.user"),
+               "tracking_uri": mlflow.get_tracking_uri()}
+        stored = {key: lineage.Stored(uri, Path(path)) for key, (uri, path) in artifacts.items()}
+        record = lineage.build(cfg, run, stored)
+        text = lineage.write(record, Path(lineage_path)).read_text()
+        digest = hashlib.sha256(text.encode()).hexdigest()
+    client.log_text(run_id, text, f"lineage/{lineage.FILENAME}")  # the parent run: where people look
+    client.set_tag(run_id, "medtune.lineage_sha256", digest)
+    if record["mlflow"]["model_version"]:
+        name, version = record["mlflow"]["model_version"].split("/")
+        client.set_model_version_tag(name, version, "medtune.lineage_sha256", digest)
+    return record

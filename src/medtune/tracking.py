@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 
-from medtune import __version__, digests, images
+from medtune import __version__, digests
 from medtune.config import Config
 
 
@@ -98,7 +98,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def open_run(cfg: Config, pipeline_run: str) -> str:
+def open_run(cfg: Config, pipeline_run: str, kfp_run_id: str = "") -> str:
     """Create the parent run that every step of this pipeline run logs under."""
     _connect(cfg)
     tags = {
@@ -106,10 +106,12 @@ def open_run(cfg: Config, pipeline_run: str) -> str:
         "medtune.git_sha": code_version(),
         "medtune.config_sha256": cfg.digest(),
         "medtune.pipeline_run": pipeline_run,
+        "medtune.kfp_run_id": kfp_run_id,
         "medtune.base_model": cfg.model.id,
         "medtune.base_model_revision": cfg.model.revision,
-        "medtune.image.cpu": images.CPU_IMAGE,
-        "medtune.image.gpu": images.GPU_IMAGE,
+        # The images the compiled DAG placed its tasks on (kfp.local ignores them and uses this virtualenv).
+        "medtune.image.cpu": cfg.cluster.cpu_image,
+        "medtune.image.gpu": cfg.cluster.cuda_image,
     }
     with mlflow.start_run(run_name=f"{cfg.name}-{pipeline_run}", tags=tags) as run:
         params = _flatten(cfg.model_dump(mode="json"))
