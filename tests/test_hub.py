@@ -115,11 +115,14 @@ def test_merged_export_goes_to_its_own_repo_with_its_own_card(tiny_config, adapt
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"token": None}, "no token in $HF_TOKEN"),
+    ({"token": None}, "no token in $HF_TOKEN or $HF_TOKEN_PATH"),
     ({"repo_id": None}, "hub.repo_id is not set"),
     ({"passed": False}, "the gate did not pass"),
 ])
-def test_push_is_skipped_with_a_reason(tiny_config, adapter, monkeypatch, change, reason):
+def test_push_is_skipped_with_a_reason(tiny_config, adapter, monkeypatch, tmp_path, change, reason):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))  # ignore any local login
     if change.get("token", TOKEN):
         monkeypatch.setenv("HF_TOKEN", TOKEN)
     else:
@@ -129,6 +132,20 @@ def test_push_is_skipped_with_a_reason(tiny_config, adapter, monkeypatch, change
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": None})})
     decision = {**PASSED, "passed": change.get("passed", True)}
     assert hub.push(cfg, adapter, RUN, decision, {"adapter": "card"}) == {"pushed": False, "reason": reason}
+
+
+def test_token_from_a_mounted_secret_file(tiny_config, adapter, monkeypatch, tmp_path):
+    """A Kubernetes Secret mounted as a file, named by $HF_TOKEN_PATH (huggingface_hub reads it)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    with HubStandIn(TOKEN) as standin:
+        result = hub.push(_cfg(tiny_config, standin.url), adapter, RUN, PASSED, {"adapter": "card"})
+        assert result["pushed"], "the stand-in answers 401 to any other token"
+        assert standin.repos["medtune-org/smollm2-medqa"]["commits"]
+    assert TOKEN not in json.dumps(result)
 
 
 def test_wrong_token_fails_loudly_without_echoing_it(tiny_config, adapter, monkeypatch):

@@ -218,9 +218,10 @@ def test_dockerfile_installs_torch_from_its_index_and_everything_under_constrain
     assert args["TORCH_INDEX"] == index and index.endswith(args["TORCH_VARIANT"])
     assert args["TORCH_VERSION"] == _pins(IMAGES / "constraints.txt")["torch"]
     installs = re.findall(r"pip install[^\n]*", text)
-    assert len(installs) == 2 and all("-c /tmp/constraints.txt" in line for line in installs)
+    assert len(installs) == 2 and all("-c /etc/medtune/constraints.txt" in line for line in installs)
     assert '"torch==${TORCH_VERSION}+${TORCH_VARIANT}"' in text
-    assert "COPY images/constraints.txt /tmp/constraints.txt" in text
+    assert "COPY images/constraints.txt /etc/medtune/constraints.txt" in text
+    assert "MEDTUNE_LOCK=/etc/medtune/constraints.txt" in text  # the lineage record hashes it
     assert f"ARG MEDTUNE_VERSION={_project_version()}" in text
 
 

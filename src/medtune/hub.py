@@ -44,9 +44,9 @@ def push(cfg: Config, adapter_dir: Path, run_id: str, decision: dict, cards: dic
         return {"pushed": False, "reason": "the gate did not pass"}
     if not cfg.hub.repo_id:
         return {"pushed": False, "reason": "hub.repo_id is not set"}
-    token = os.environ.get(cfg.hub.token_env)
+    token = _token(cfg)
     if not token:
-        return {"pushed": False, "reason": f"no token in ${cfg.hub.token_env}"}
+        return {"pushed": False, "reason": f"no token in ${cfg.hub.token_env} or $HF_TOKEN_PATH"}
     from huggingface_hub import HfApi
 
     api = HfApi(token=token, endpoint=cfg.hub.endpoint)
@@ -60,6 +60,14 @@ def push(cfg: Config, adapter_dir: Path, run_id: str, decision: dict, cards: dic
         result["merged"] = _push_folder(api, cfg, merged_repo_id(cfg.hub.repo_id), merged, cards["merged"],
                                         run_id, tags, what, decision.get("summary", ""))
     return result
+
+
+def _token(cfg: Config) -> str | None:
+    """$<hub.token_env>, else what huggingface_hub finds: the file at $HF_TOKEN_PATH (a Secret mounted as a
+    file) or a `hf auth login` on a workstation."""
+    from huggingface_hub import get_token
+
+    return os.environ.get(cfg.hub.token_env) or get_token()
 
 
 def _push_folder(api, cfg: Config, repo: str, folder: Path, card: str, run_id: str, tags: list[str],

@@ -30,8 +30,7 @@ def compiled_pipeline_path() -> Path:
 def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
     from kfp import components, local
 
-    # SIGTERM (Ctrl-C's batch cousin) must unwind like an exception so the MLflow server we started stops.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, _terminate)
     output_dir = output_dir.resolve()  # artifact URIs in the audit record are these paths
     output_dir.mkdir(parents=True, exist_ok=True)
     external = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -58,6 +57,16 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
         summary = summarise(task.outputs, output_dir, uri)
     (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _terminate(*_) -> None:
+    """SIGTERM (Ctrl-C's batch cousin): stop the task kfp.local is running, then unwind like an exception
+    so the MLflow server this run started stops too. Without this the task would run on, orphaned."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.terminate()
+    sys.exit(143)
 
 
 def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:

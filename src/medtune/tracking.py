@@ -35,6 +35,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the server and its workers (its own process group); it may already be stopping."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextmanager
 def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
     """A real MLflow server on loopback backed by SQLite in `state_dir`; reused if one already serves it.
@@ -69,12 +81,7 @@ def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
         yield uri
     finally:
         state_file.unlink(missing_ok=True)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        _stop_group(proc)
         log.close()
 
 

@@ -1,0 +1,74 @@
+"""SIGTERM to `medtune run` stops the task kfp.local is running and the MLflow server the run started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import ROOT, SAMPLE
+
+MEDTUNE = Path(sys.executable).parent / "medtune"
+
+
+def _train_task(proc: subprocess.Popen, timeout_s: float = 600) -> psutil.Process:
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"medtune run ended before training: {proc.stderr.read()[-3000:]}"
+        for child in parent.children(recursive=True):
+            try:
+                cmdline = child.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "kfp.dsl.executor_main" in cmdline and "train" in cmdline:
+                return child
+        time.sleep(0.5)
+    raise AssertionError("the train task never started")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_running_task_and_the_mlflow_server(tmp_path):
+    """A real `medtune run` on the default profile, stopped while its train task runs (the longest step)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    args = [str(MEDTUNE), "run", "--config", str(ROOT / "configs" / "local.yaml"),
+            "--set", f"data.path={SAMPLE}"]  # the profile's path is relative to the repository
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        task = _train_task(proc)
+        server = json.loads((tmp_path / ".medtune" / "mlflow" / "server.json").read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        gone, alive = psutil.wait_procs([task], timeout=30)
+        assert task in gone and not alive, "the train task outlived the run"
+        assert not psutil.pid_exists(server["pid"]) or psutil.Process(server["pid"]).status() == "zombie"
+        assert not (tmp_path / ".medtune" / "mlflow" / "server.json").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_sigterm_handler_stops_a_quiet_task(tmp_path):
+    """A task that prints nothing is not stopped by a broken pipe when `medtune run` exits: the handler
+    must stop it. Here `sleep` stands in for such a task, under the handler `medtune run` installs."""
+    script = ("import signal, subprocess, sys\n"
+              "from medtune.local_run import _terminate\n"
+              "signal.signal(signal.SIGTERM, _terminate)\n"
+              "task = subprocess.Popen(['sleep', '120'])\n"
+              "print(task.pid, flush=True)\n"
+              "task.wait()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    task = psutil.Process(int(proc.stdout.readline()))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    gone, alive = psutil.wait_procs([task], timeout=10)
+    for orphan in alive:
+        orphan.kill()
+    assert task in gone, "the task outlived medtune run"
