@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from medtune import config as config_mod
-from pipelines import pipeline as pipeline_mod
+from medtune import pipeline as pipeline_mod
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ROOT / "pipelines" / "medtune.yaml"

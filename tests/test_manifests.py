@@ -202,7 +202,7 @@ def test_dockerfile_runs_as_non_root_with_the_pipeline_paths(variant):
     assert users == ["1000:1000"], "one numeric non-root USER, so runAsNonRoot can verify it"
     assert "useradd --uid 1000 --gid 1000" in text
     assert "HOME=/home/medtune" in text
-    from pipelines.pipeline import HF_CACHE
+    from medtune.pipeline import HF_CACHE
 
     assert HF_CACHE.startswith("/home/medtune/") and HF_CACHE in text  # created and owned by the user
     assert config_mod.load(PROFILE).model.cache_dir in text.split()  # /models exists for the PVC mount

@@ -69,7 +69,7 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
 @app.command("compile")
 def compile_(profile: Path = typer.Option(None, help="Profile compiled in as the default config.")):
     """Write the pipeline's IR YAML under pipelines/ (committed; a test checks it matches the source)."""
-    from pipelines.pipeline import CLUSTER_PROFILE, compile_pipeline
+    from medtune.pipeline import CLUSTER_PROFILE, compile_pipeline
 
     path = compile_pipeline(profile or CLUSTER_PROFILE)
     console.print(f"wrote {path}")

@@ -1,6 +1,6 @@
 """Container images the compiled pipeline runs in (built from `images/` by `make images`).
 
-The components name these defaults; `pipelines/pipeline.py` replaces them per task with the images in the
+The components name these defaults; `medtune/pipeline.py` replaces them per task with the images in the
 profile's `cluster:` section (`cluster.cpu_image`, `cluster.cuda_image`), which `make images` prints with
 their registry digests so the compiled YAML pins `repository:tag@sha256:...`.
 """

@@ -102,7 +102,7 @@ def version_name() -> str:
 def compile_package(cfg: config_mod.Config, directory: Path) -> Path:
     from kfp import compiler
 
-    from pipelines.pipeline import build
+    from medtune.pipeline import build
 
     path = directory / "medtune.yaml"
     compiler.Compiler().compile(build(cfg), package_path=str(path))

@@ -22,7 +22,7 @@ class PipelineFailed(RuntimeError):
 
 
 def compiled_pipeline_path() -> Path:
-    from pipelines.pipeline import COMPILED
+    from medtune.pipeline import COMPILED
 
     return COMPILED
 

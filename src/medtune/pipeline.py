@@ -15,12 +15,12 @@ from typing import NamedTuple
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Model
 
-from components import audit, evaluate, gate, open_run, preprocess, push, register, train, validate_data
 from medtune import config as config_mod
+from medtune.components import audit, evaluate, gate, open_run, preprocess, push, register, train, validate_data
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: profiles under configs/, the IR under pipelines/
 CLUSTER_PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
-COMPILED = Path(__file__).resolve().parent / "medtune.yaml"
+COMPILED = ROOT / "pipelines" / "medtune.yaml"
 
 DISPLAY_NAMES = {
     "open_run": "Open MLflow run",
