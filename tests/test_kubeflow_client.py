@@ -8,6 +8,7 @@ travels. What the server does with them (scheduling pods) is not tested here.
 
 from __future__ import annotations
 
+import getpass
 import json
 import re
 import threading
@@ -146,6 +147,7 @@ def test_submit_uploads_a_new_version_and_starts_a_run(kfp_server, monkeypatch):
     assert run["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-7"}
     sent = config_mod.from_json(run["runtime_config"]["parameters"]["config"])
     assert sent == config_mod.load(PROFILE)
+    assert run["runtime_config"]["parameters"]["requested_by"] == getpass.getuser()  # for the audit record
 
 
 def test_submit_creates_the_pipeline_on_first_upload(kfp_server, monkeypatch):
@@ -201,6 +203,7 @@ def test_schedule_replaces_the_recurring_run_of_the_same_name(kfp_server, tmp_pa
     assert body["service_account"] == "medtune-pipeline-runner"
     assert body["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-7"}
     assert config_mod.from_json(body["runtime_config"]["parameters"]["config"]).name == "qwen2.5-0.5b-qlora"
+    assert body["runtime_config"]["parameters"]["requested_by"] == f"schedule medtune-weekly ({getpass.getuser()})"
 
 
 def test_schedule_uses_the_definition_cron_when_none_is_given(kfp_server):

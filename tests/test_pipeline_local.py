@@ -7,6 +7,7 @@ short; tests/test_gate.py covers decisions that fail.
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import os
@@ -159,6 +160,7 @@ def test_the_audit_step_writes_one_record_linked_from_mlflow(run):
     assert not list(Path(run["output_dir"]).glob("artifacts/*/audit-2")), "one audit per run: the passing branch"
     record = json.loads(written.read_text())
     assert record["run"]["mlflow_run_id"] == run["run_id"] and record["run"]["runner"] == "kfp.local"
+    assert record["run"]["started_by"] == getpass.getuser()
     assert record["run"]["pipeline_run"] == written.parents[1].name
     assert record["mlflow"]["model_version"] == run["model_version"]
     assert record["data"]["path"] == str(MEDQUAD) and len(record["data"]["files"]) >= 1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import mlflow
 import pandas as pd
 import pytest
 
-from medtune import registry, tracking
+from medtune import digests, registry, tracking
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def test_registered_adapter_answers_through_pyfunc(server, tiny_config, tmp_path
     assert version.tags["medtune.run_id"] == run_id
     assert version.tags["medtune.gate"] == "passed"
     assert version.tags["medtune.config_sha256"] == cfg.digest()
-    assert len(version.tags["medtune.git_sha"]) == 40 or version.tags["medtune.git_sha"] == "unknown"
+    assert version.tags["medtune.git_sha"] == digests.git_sha()
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", version.tags["medtune.git_sha"])
 
     mlflow.set_tracking_uri(server)
     answers = mlflow.pyfunc.load_model(result["model_uri"]).predict(
@@ -115,7 +118,7 @@ def test_push_and_audit_link_run_registry_version_and_hub_commit(server, tiny_co
         cfg = _with_uri(tiny_config, server)
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": "org/qa", "endpoint": standin.url})})
         config_json = cfg.to_json()
-        run_id = steps.open_run(config_json, "medtune-run-3", "kfp-uuid-3")
+        run_id = steps.open_run(config_json, "medtune-run-3", "kfp-uuid-3", "ana")
         registration = steps.register(config_json, run_id, str(adapter), str(paths["decision"]),
                                       str(tmp_path / "registration"))
         pushed = steps.push(config_json, run_id, str(adapter), str(paths["decision"]), str(paths["comparison"]),
@@ -131,6 +134,7 @@ def test_push_and_audit_link_run_registry_version_and_hub_commit(server, tiny_co
                          str(tmp_path / "lineage"))
 
     assert record["run"]["pipeline_run"] == "medtune-run-3" and record["run"]["kfp_run_id"] == "kfp-uuid-3"
+    assert record["run"]["started_by"] == "ana", "who asked for the run, not the step's OS user"
     assert record["hub"]["commit"] == pushed["commit"]
     client = mlflow.MlflowClient(server)
     version = client.get_model_version(registration["name"], registration["version"])
@@ -138,6 +142,11 @@ def test_push_and_audit_link_run_registry_version_and_hub_commit(server, tiny_co
     assert version.tags["medtune.hub_commit"] == pushed["commit"] and version.tags["medtune.hub_repo"] == "org/qa"
     assert version.tags["medtune.lineage_sha256"] == digest == client.get_run(run_id).data.tags[
         "medtune.lineage_sha256"]
+    # a local base model: named by the content hash of its directory, on the run and the version alike
+    assert len(record["base_model"]["sha256"]) == 64 and record["base_model"]["commit"] is None
+    for tags in (version.tags, client.get_run(run_id).data.tags):
+        assert tags["medtune.base_model_sha256"] == record["base_model"]["sha256"]
+        assert "medtune.base_model_commit" not in tags
     mlflow.set_tracking_uri(server)
     logged = mlflow.artifacts.load_text(f"runs:/{run_id}/lineage/lineage.json")
     assert logged == (tmp_path / "lineage").read_text()

@@ -218,8 +218,9 @@ def lineage_(run: str = typer.Argument(..., help="Output directory, lineage.json
              ("model version", f"{record['mlflow']['model_version']} {record['mlflow']['aliases']}"),
              ("hub", f"{hub['repo_id']}@{hub['commit']} {hub.get('tags', [])}" if hub.get("commit")
                      else hub.get("reason", "not pushed"))]
+    width = max(len(key) for key, _ in rows)
     for key, value in rows:
-        console.print(f"[bold]{key:>15}[/]: {value}", highlight=False, soft_wrap=True)
+        console.print(f"[bold]{key:>{width}}[/]: {value}", highlight=False, soft_wrap=True)
 
 
 @app.command()

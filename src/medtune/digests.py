@@ -5,6 +5,7 @@ Light on purpose (no MLflow, no torch): `medtune submit` imports it too.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import os
 import subprocess
@@ -21,11 +22,26 @@ def sha256_file(path: Path) -> str:
 
 def git_sha() -> str:
     """The git commit of the code: from the image's build arg, else from the checkout, else unknown."""
-    if os.environ.get("MEDTUNE_GIT_SHA"):
-        return os.environ["MEDTUNE_GIT_SHA"]
+    return os.environ.get("MEDTUNE_GIT_SHA") or checkout_commit(Path(__file__).parent)
+
+
+def checkout_commit(directory: Path) -> str:
+    """HEAD of the checkout holding `directory`, with "-dirty" when tracked files differ from it: a run of
+    uncommitted code must not claim a commit it did not run. "unknown" outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=directory, capture_output=True, text=True, timeout=10).stdout
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except OSError:
+        sha = git("rev-parse", "HEAD").strip()
+        changed = sha and git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return f"{sha}-dirty" if changed else sha or "unknown"
+
+
+def requester() -> str:
+    """Who is asking for a run from this machine: the login name (what `whoami` prints)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
         return "unknown"

@@ -95,8 +95,8 @@ def _api(call: str):
 
 
 def version_name() -> str:
-    sha = digests.git_sha()[:12]
-    return f"{__version__}-{sha}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    sha, dirty, _ = digests.git_sha().partition("-dirty")
+    return f"{__version__}-{sha[:12]}{dirty}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def compile_package(cfg: config_mod.Config, directory: Path) -> Path:
@@ -143,7 +143,8 @@ def submit(client, cfg: config_mod.Config, run_name: str | None = None) -> dict:
     exp = experiment_id(client, cluster.experiment, cluster.namespace)
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     with _api("starting the run"):
-        run = client.run_pipeline(exp, run_name, params={"config": cfg.to_json()}, pipeline_id=pipeline_id,
+        params = {"config": cfg.to_json(), "requested_by": digests.requester()}
+        run = client.run_pipeline(exp, run_name, params=params, pipeline_id=pipeline_id,
                                   version_id=version_id, service_account=cluster.service_account)
     return {"run_id": run.run_id, "url": ui_url(client, f"runs/details/{run.run_id}"),
             "pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": exp}
@@ -164,7 +165,8 @@ def schedule(client, cfg: config_mod.Config, spec: RecurringRunSpec) -> dict:
     with _api("creating the recurring run"):
         created = client.create_recurring_run(
             exp, spec.name, description=spec.description, cron_expression=spec.cron,
-            max_concurrency=spec.max_concurrency, no_catchup=spec.no_catchup, params={"config": cfg.to_json()},
+            max_concurrency=spec.max_concurrency, no_catchup=spec.no_catchup,
+            params={"config": cfg.to_json(), "requested_by": f"schedule {spec.name} ({digests.requester()})"},
             pipeline_id=pipeline_id, version_id=version_id, enabled=True, service_account=cluster.service_account)
     # Delete the old one only once the new one exists: a failed create leaves the old schedule running.
     for old in replaced:

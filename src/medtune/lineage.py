@@ -8,8 +8,9 @@ recomputes every hash it can reach, so a tampered adapter or a changed data file
 
 Schema `medtune.lineage/2` (bump the number on any incompatible change; `verify` refuses others):
   schema, created_at
-  run        {mlflow_run_id, pipeline_run, kfp_run_id, started_by, runner}
-  code       {version, git_sha, lock {path, sha256}}
+  run        {mlflow_run_id, pipeline_run, kfp_run_id, started_by, runner}; started_by is the pipeline's
+             `requested_by` (the user of `medtune run`/`submit`, or "schedule NAME (creator)"), else the OS user
+  code       {version, git_sha ("<sha>-dirty" when tracked files differed from it), lock {path, sha256}}
   config     {sha256, resolved}
   images     {cpu, gpu}: what the DAG's tasks ran in (runner "kubernetes"); null for kfp.local, which
              runs every task in the current virtualenv

@@ -11,7 +11,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
-from medtune import lineage, models, tracking
+from medtune import digests, lineage, models, tracking
 from medtune.config import Config
 
 MLFLOW_DIR = Path(".medtune/mlflow")
@@ -51,7 +51,7 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
                    workspace_root=str(output_dir / "workspace"))
         pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
         try:
-            task = pipeline(config=cfg.to_json())
+            task = pipeline(config=cfg.to_json(), requested_by=digests.requester())
         except RuntimeError as exc:
             raise PipelineFailed(f"the pipeline failed: {exc} (task logs above; artifacts in {output_dir})") from None
         summary = summarise(task.outputs, output_dir, uri)

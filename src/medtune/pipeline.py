@@ -56,9 +56,9 @@ class Outputs(NamedTuple):
 
 def build(default_config: config_mod.Config):
     @dsl.pipeline(name="medtune", description="Gated LoRA/QLoRA fine-tuning for medical question answering.")
-    def medtune(config: str = default_config.to_json()) -> Outputs:
+    def medtune(config: str = default_config.to_json(), requested_by: str = "") -> Outputs:
         run = open_run(config=config, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-                       kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+                       kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, requested_by=requested_by)
         run_id = run.output
         data = validate_data(config=config, run_id=run_id)
         splits = preprocess(config=config, run_id=run_id, data=data.outputs["data"])

@@ -19,8 +19,8 @@ def _cfg(config_json: str) -> config_mod.Config:
     return config_mod.from_json(config_json)
 
 
-def open_run(config_json: str, pipeline_run: str, kfp_run_id: str = "") -> str:
-    return tracking.open_run(_cfg(config_json), pipeline_run, kfp_run_id)
+def open_run(config_json: str, pipeline_run: str, kfp_run_id: str = "", requested_by: str = "") -> str:
+    return tracking.open_run(_cfg(config_json), pipeline_run, kfp_run_id, requested_by)
 
 
 def validate_data(config_json: str, run_id: str, data_dir: str, quarantine_path: str, report_path: str,
@@ -252,15 +252,24 @@ def audit(config_json: str, run_id: str, artifacts: dict[str, tuple[str, str]], 
         client = mlflow.MlflowClient()
         tags = client.get_run(run_id).data.tags
         run = {"mlflow_run_id": run_id, "pipeline_run": tags.get("medtune.pipeline_run"),
-               "kfp_run_id": tags.get("medtune.kfp_run_id"), "started_by": tags.get("mlflow.user"),
+               "kfp_run_id": tags.get("medtune.kfp_run_id"),
+               # who asked for the run; the OS user of the step's process only when nobody said
+               "started_by": tags.get("medtune.requested_by") or tags.get("mlflow.user"),
                "tracking_uri": mlflow.get_tracking_uri()}
         stored = {key: lineage.Stored(uri, Path(path)) for key, (uri, path) in artifacts.items()}
         record = lineage.build(cfg, run, stored)
         text = lineage.write(record, Path(lineage_path)).read_text()
         digest = hashlib.sha256(text.encode()).hexdigest()
     client.log_text(run_id, text, f"lineage/{lineage.FILENAME}")  # the parent run: where people look
-    client.set_tag(run_id, "medtune.lineage_sha256", digest)
+    # `model.revision` may be a branch that moves; these name the exact weights (Hub commit or content hash).
+    base = record["base_model"]
+    tags = {"medtune.lineage_sha256": digest, "medtune.base_model_commit": base["commit"],
+            "medtune.base_model_sha256": base["sha256"]}
+    tags = {k: v for k, v in tags.items() if v}
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
     if record["mlflow"]["model_version"]:
         name, version = record["mlflow"]["model_version"].split("/")
-        client.set_model_version_tag(name, version, "medtune.lineage_sha256", digest)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
     return record

@@ -105,8 +105,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def open_run(cfg: Config, pipeline_run: str, kfp_run_id: str = "") -> str:
-    """Create the parent run that every step of this pipeline run logs under."""
+def open_run(cfg: Config, pipeline_run: str, kfp_run_id: str = "", requested_by: str = "") -> str:
+    """Create the parent run that every step of this pipeline run logs under.
+
+    `requested_by` is who asked for the run (`medtune run`/`submit` pass the local user, a schedule names
+    itself and its creator); in a task pod the OS user is the image's, which says nothing."""
     _connect(cfg)
     tags = {
         "medtune.version": __version__,
@@ -114,6 +117,7 @@ def open_run(cfg: Config, pipeline_run: str, kfp_run_id: str = "") -> str:
         "medtune.config_sha256": cfg.digest(),
         "medtune.pipeline_run": pipeline_run,
         "medtune.kfp_run_id": kfp_run_id,
+        "medtune.requested_by": requested_by,
         "medtune.base_model": cfg.model.id,
         "medtune.base_model_revision": cfg.model.revision,
         # The images the compiled DAG placed its tasks on (kfp.local ignores them and uses this virtualenv).
