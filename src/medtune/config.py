@@ -300,7 +300,6 @@ class ClusterConfig(Strict):
         "open_run": 600, "validate_data": 3600, "preprocess": 3600, "train": 6 * 3600, "evaluate": 3 * 3600,
         "gate": 900, "register": 1800, "push": 1800, "audit": 1800,
     }
-    cached_tasks: list[TaskName] = ["validate_data", "preprocess"]
     pipeline_name: str = "medtune"
     experiment: str = "medtune"
     namespace: str | None = Field(None, description="Profile namespace on multi-user Kubeflow; None standalone.")

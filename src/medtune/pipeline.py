@@ -103,7 +103,10 @@ def place(tasks: list, cfg: config_mod.Config) -> None:
     for task in tasks:
         name = task.component_spec.name.replace("-", "_")
         task.set_display_name(DISPLAY_NAMES[name])
-        task.set_caching_options(name in cluster.cached_tasks)
+        # Never cached: KFP keys the cache on inputs, and `data.path` names files whose content it cannot see
+        # (a changed dataset would reuse the old validation), and a cached step would log nothing to this
+        # run's MLflow run, leaving a hole in its audit trail.
+        task.set_caching_options(False)
         if name in cluster.retries:
             policy = cluster.retries[name]
             task.set_retry(num_retries=policy.retries, backoff_duration=f"{policy.backoff_s}s",
