@@ -47,6 +47,17 @@ def test_parent_run_records_config_and_steps_nest_under_it(server, tiny_config):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert [c.data.tags["mlflow.runName"] for c in children] == ["train"]
     assert children[0].data.metrics["loss"] == 1.5
+    # kfp.local runs every step in this virtualenv: no image ran, so none is named
+    assert parent.data.tags["medtune.runner"] == "kfp.local"
+    assert not {k for k in parent.data.tags if k.startswith("medtune.image.")}
+
+
+def test_a_run_in_a_task_pod_names_its_images(server, tiny_config, monkeypatch):
+    monkeypatch.setenv("KFP_POD_NAME", "medtune-abc-open-run")  # what the KFP launcher sets in a task pod
+    cfg = _with_uri(tiny_config, server)
+    tags = mlflow.MlflowClient(server).get_run(tracking.open_run(cfg, pipeline_run="kfp-run-2")).data.tags
+    assert tags["medtune.runner"] == "kubernetes"
+    assert (tags["medtune.image.cpu"], tags["medtune.image.gpu"]) == (cfg.cluster.cpu_image, cfg.cluster.cuda_image)
 
 
 def test_registered_adapter_answers_through_pyfunc(server, tiny_config, tmp_path):

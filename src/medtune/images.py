@@ -7,6 +7,7 @@ their registry digests so the compiled YAML pins `repository:tag@sha256:...`.
 
 from __future__ import annotations
 
+import os
 import re
 
 from medtune import __version__
@@ -34,3 +35,20 @@ def pinned(ref: str, digest: str | None) -> str:
         raise ValueError(f"{digest}: expected sha256:<64 hex>")
     digest = digest or parts["digest"]
     return f"{parts['repository']}:{parts['tag']}" + (f"@{digest}" if digest else "")
+
+
+def runner() -> str:
+    """Where this step runs: "kubernetes" in a KFP task pod (the launcher sets KFP_POD_NAME), else "kfp.local",
+    which runs every task in the current virtualenv whatever image the DAG names."""
+    return "kubernetes" if os.environ.get("KFP_POD_NAME") else "kfp.local"
+
+
+def ran_in(cpu_image: str, gpu_image: str) -> dict[str, str] | None:
+    """The images the DAG's tasks ran in; None under kfp.local, where no image ran and naming one would lie."""
+    return {"cpu": cpu_image, "gpu": gpu_image} if runner() == "kubernetes" else None
+
+
+def tags(cpu_image: str, gpu_image: str) -> dict[str, str]:
+    """MLflow tags for where a run's steps ran: the runner, and the images when there were any."""
+    ran = ran_in(cpu_image, gpu_image) or {}
+    return {"medtune.runner": runner(), **{f"medtune.image.{kind}": ref for kind, ref in ran.items()}}

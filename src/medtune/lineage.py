@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from medtune import __version__, digests
+from medtune import __version__, digests, images
 from medtune.config import Config
 from medtune.digests import sha256_file
 
@@ -102,17 +102,16 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored]) -> dict:
     comparison = _read_json(artifacts, "evaluate/comparison")
     decision = _read_json(artifacts, "gate/decision")
     registration = _read_json(artifacts, "register/registration")
-    on_cluster = bool(os.environ.get("KFP_POD_NAME"))  # set by the KFP launcher in every task pod
     return {
         "schema": SCHEMA,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run": {"mlflow_run_id": run["mlflow_run_id"], "pipeline_run": run["pipeline_run"],
                 "kfp_run_id": run["kfp_run_id"], "started_by": run.get("started_by"),
-                "runner": "kubernetes" if on_cluster else "kfp.local"},
+                "runner": images.runner()},
         "code": {"version": __version__, "git_sha": digests.git_sha(),
                  "lock": {"path": LOCK.name, "sha256": sha256_file(LOCK) if LOCK.exists() else None}},
         "config": {"sha256": cfg.digest(), "resolved": json.loads(cfg.to_json())},
-        "images": {"cpu": cfg.cluster.cpu_image, "gpu": cfg.cluster.cuda_image} if on_cluster else None,
+        "images": images.ran_in(cfg.cluster.cpu_image, cfg.cluster.cuda_image),
         "base_model": base_model_record(cfg),
         "data": {**validation["source"],
                  **{k: validation[k] for k in ("rows_read", "rows_kept", "rows_quarantined")}},

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from medtune import __version__, digests
+from medtune import __version__, digests, images
 from medtune.config import Config
 
 
@@ -45,7 +45,7 @@ def register(cfg: Config, parent_run_id: str, adapter_dir: Path, decision: dict,
             "medtune.gate_summary": decision["summary"], "medtune.run_id": parent_run_id,
             "medtune.config_sha256": cfg.digest(), "medtune.base_model": cfg.model.id,
             "medtune.base_model_revision": cfg.model.revision, "medtune.git_sha": digests.git_sha(),
-            "medtune.version": __version__, "medtune.image.gpu": cfg.cluster.cuda_image}
+            "medtune.version": __version__, **images.tags(cfg.cluster.cpu_image, cfg.cluster.cuda_image)}
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=AdapterQA(),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 
-from medtune import __version__, digests
+from medtune import __version__, digests, images
 from medtune.config import Config
 
 
@@ -120,9 +120,7 @@ def open_run(cfg: Config, pipeline_run: str, kfp_run_id: str = "", requested_by:
         "medtune.requested_by": requested_by,
         "medtune.base_model": cfg.model.id,
         "medtune.base_model_revision": cfg.model.revision,
-        # The images the compiled DAG placed its tasks on (kfp.local ignores them and uses this virtualenv).
-        "medtune.image.cpu": cfg.cluster.cpu_image,
-        "medtune.image.gpu": cfg.cluster.cuda_image,
+        **images.tags(cfg.cluster.cpu_image, cfg.cluster.cuda_image),
     }
     with mlflow.start_run(run_name=f"{cfg.name}-{pipeline_run}", tags=tags) as run:
         params = _flatten(cfg.model_dump(mode="json"))
