@@ -52,8 +52,10 @@ def test_model_card_metadata_and_sections(tiny_config):
     assert meta["library_name"] == "peft" and meta["license"] == "apache-2.0"
     metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"token_f1": 0.25, "rougeL": 0.2}
+    assert meta["model-index"][0]["name"] == "medtune-org/smollm2-medqa"
+    assert card.text.lstrip().splitlines()[0] == "# medtune-org/smollm2-medqa"  # titled by the repo
     for text in ("Not for diagnosis", "Not a substitute for a clinician", "a" * 64, "c" * 64,
-                 "+0.0600 [+0.0350, +0.0870]", "**PASSED**", "rougeL >= 0.15"):
+                 "+0.0600 [+0.0350, +0.0870]", "**PASSED**", "| rougeL >= 0.15 | 0.2000 | PASS |"):
         assert text in card.text, text
 
 
@@ -111,6 +113,7 @@ def test_merged_export_goes_to_its_own_repo_with_its_own_card(tiny_config, adapt
     assert meta["library_name"] == "transformers" and meta["base_model_relation"] == "merge"
     assert meta["model-index"][0]["name"] == "medtune-org/smollm2-medqa-merged"
     assert "merged into its weights" in merged_repo["files"]["README.md"].decode()
+    assert "\n# medtune-org/smollm2-medqa-merged\n" in merged_repo["files"]["README.md"].decode()
     assert "version 7 (tag `v7` here)" in merged_repo["files"]["README.md"].decode()
 
 

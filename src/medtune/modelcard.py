@@ -59,8 +59,8 @@ with a paired bootstrap {{ confidence }} confidence interval.
 
 | rule | value | verdict |
 |---|---:|---|
-{% for check in gate.checks -%}
-| {{ check.rule }} | {{ check.value if check.value is not none else "n/a" }} | {{ check.verdict or ("PASS" if check.passed else "FAIL") }} |
+{% for check in checks -%}
+| {{ check.rule }} | {{ check.value }} | {{ check.verdict }} |
 {% endfor %}
 
 ## Limitations
@@ -78,30 +78,33 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
     """The README.md for the adapter repo, or (merged=True) for the repo of the merged export."""
     from medtune.hub import merged_repo_id
 
-    name = cfg.hub.repo_id or cfg.name
-    name = merged_repo_id(name) if merged else name
+    repo = cfg.hub.repo_id or cfg.name
+    repo = merged_repo_id(repo) if merged else repo
     candidate, base = comparison.get("candidate") or {}, comparison.get("base") or {}
     cis = (comparison.get("ci") or {}).get("candidate_vs_base", {})
     dataset = cfg.data.path if cfg.data.path.startswith("hf://") else "medtune-local"
     results = [EvalResult(task_type="question-answering", dataset_type=dataset.removeprefix("hf://"),
-                          dataset_name=f"{cfg.name} test split", dataset_split="test", metric_type=name,
-                          metric_name=name, metric_value=round(candidate[name], 4))
-               for name in REPORTED if candidate.get(name) is not None]
+                          dataset_name=f"{cfg.name} test split", dataset_split="test", metric_type=metric,
+                          metric_name=metric, metric_value=round(candidate[metric], 4))
+               for metric in REPORTED if candidate.get(metric) is not None]
     data = ModelCardData(base_model=cfg.model.id, base_model_relation="merge" if merged else "adapter",
                          library_name="transformers" if merged else "peft", license=cfg.hub.license,
                          language="en", pipeline_tag="text-generation",
                          tags=["medical", "lora", cfg.train.method, "medtune"],
-                         model_name=name, eval_results=results or None)
+                         model_name=repo, eval_results=results or None)
     rows = []
-    for name in REPORTED:
-        ci = cis.get(name) or {}
+    for metric in REPORTED:
+        ci = cis.get(metric) or {}
         delta = (f"{ci['delta']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]" if "low" in ci else "n/a")
-        rows.append({"name": name, "base": _fmt(base.get(name)), "candidate": _fmt(candidate.get(name)),
+        rows.append({"name": metric, "base": _fmt(base.get(metric)), "candidate": _fmt(candidate.get(metric)),
                      "delta": delta})
+    checks = [{"rule": c["rule"], "value": _fmt(c.get("value")),
+               "verdict": c.get("verdict") or ("PASS" if c["passed"] else "FAIL")}
+              for c in decision.get("checks", [])]
     confidence = f"{int(100 * (comparison.get('bootstrap') or {}).get('confidence', 0.95))}%"
     return ModelCard.from_template(
-        data, template_str=TEMPLATE, model_name=name, base_model=cfg.model.id,
+        data, template_str=TEMPLATE, model_name=repo, base_model=cfg.model.id,
         method=cfg.train.method, run_id=run_id, data_path=cfg.data.path, data_sha256=data_sha256 or "n/a",
-        splits=splits, n=comparison.get("n", "?"), confidence=confidence, rows=rows, gate=decision,
+        splits=splits, n=comparison.get("n", "?"), confidence=confidence, rows=rows, gate=decision, checks=checks,
         registration=registration, merged=merged,
     ).content
