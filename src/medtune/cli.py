@@ -254,10 +254,7 @@ def data_validate(path: str = typer.Argument(..., help="File, folder, MedQuAD fo
     from medtune import validate
     from medtune.ingest import HF_PREFIX
 
-    try:
-        cfg = config_mod.load(config, set_)
-    except config_mod.ConfigError as exc:
-        _fail(str(exc))
+    cfg = _load(config, set_)
     local = not path.startswith(HF_PREFIX)
     data_path = str(Path(path).expanduser().resolve()) if local else path
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})

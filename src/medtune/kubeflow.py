@@ -135,12 +135,18 @@ def ui_url(client, fragment: str) -> str:
     return f"{client._get_url_prefix().rstrip('/')}/#/{fragment}"
 
 
-def submit(client, cfg: config_mod.Config, run_name: str | None = None) -> dict:
+def publish(client, cfg: config_mod.Config) -> tuple[str, str, str]:
+    """Compile the pipeline from `cfg`, upload it as a new version; return pipeline, version and experiment ids."""
     cluster = cfg.cluster
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_package(cfg, Path(tmp))
         pipeline_id, version_id = upload(client, package, cluster.pipeline_name, version_name())
-    exp = experiment_id(client, cluster.experiment, cluster.namespace)
+    return pipeline_id, version_id, experiment_id(client, cluster.experiment, cluster.namespace)
+
+
+def submit(client, cfg: config_mod.Config, run_name: str | None = None) -> dict:
+    cluster = cfg.cluster
+    pipeline_id, version_id, exp = publish(client, cfg)
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     with _api("starting the run"):
         params = {"config": cfg.to_json(), "requested_by": digests.requester()}
@@ -153,10 +159,7 @@ def submit(client, cfg: config_mod.Config, run_name: str | None = None) -> dict:
 def schedule(client, cfg: config_mod.Config, spec: RecurringRunSpec) -> dict:
     """Create the recurring run `spec.name`, replacing one of that name (KFP cannot edit a recurring run)."""
     cluster = cfg.cluster
-    with tempfile.TemporaryDirectory() as tmp:
-        package = compile_package(cfg, Path(tmp))
-        pipeline_id, version_id = upload(client, package, cluster.pipeline_name, version_name())
-    exp = experiment_id(client, cluster.experiment, cluster.namespace)
+    pipeline_id, version_id, exp = publish(client, cfg)
     same_name = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name",
                                             "stringValue": spec.name}]})
     with _api("listing recurring runs"):
