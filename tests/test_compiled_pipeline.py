@@ -1,7 +1,9 @@
 """Golden tests on the committed pipelines/medtune.yaml: what Kubeflow will run, read from the IR itself.
 
-Every expected value comes from the cluster profile (configs/qwen2.5-0.5b-qlora.yaml), so the tests say
-"the compiled YAML does what the profile asks"; one test checks the committed file is a fresh compile.
+Expected values come from the cluster profile (configs/qwen2.5-0.5b-qlora.yaml) and the step specs
+(medtune/steps/<step>.py), so the tests say "the compiled YAML does what the profile and the steps ask",
+and a few literals pin the behaviour itself (which tasks get the GPU, the Hub token, retries); one test
+checks the committed file is a fresh compile.
 """
 
 import json
@@ -13,12 +15,18 @@ import yaml
 
 from medtune import config as config_mod
 from medtune import pipeline as pipeline_mod
+from medtune import steps
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ROOT / "pipelines" / "medtune.yaml"
 PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
 TASKS = ("open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
          "audit", "audit_2")
+SPECS = steps.specs()
+
+
+def spec_of(task: str) -> steps.StepSpec:
+    return SPECS[task.removesuffix("_2")]  # audit_2: the audit in the branch where the gate failed
 
 
 def _docs(path: Path) -> tuple[dict, dict]:
@@ -54,10 +62,10 @@ def test_committed_yaml_is_a_fresh_compile(tmp_path):
 
 def test_gpu_request_selector_and_toleration_only_on_gpu_tasks(compiled, cfg):
     cluster = cfg.cluster
-    assert set(cluster.gpu_tasks) == {"train", "evaluate"}
+    assert {name for name, spec in SPECS.items() if spec.gpu} == {"train", "evaluate"}
     for name, t in compiled["tasks"].items():
         resources, k8s = t["container"]["resources"], t["k8s"]
-        if name in cluster.gpu_tasks:
+        if spec_of(name).gpu:
             assert resources["accelerator"] == {"count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu",
                                                "type": "nvidia.com/gpu"}
             assert t["container"]["image"] == cluster.cuda_image
@@ -86,8 +94,11 @@ def test_secrets_are_referenced_by_name_with_no_values(compiled, cfg):
         assert all(set(ref) == {"secretName", "secretNameParameter", "keyToEnv", "optional"} for ref in refs)
         assert all(ref["secretNameParameter"] == {"runtimeValue": {"constant": ref["secretName"]}} for ref in refs)
         found = [{k: ref[k] for k in ("secretName", "optional", "keyToEnv")} for ref in refs]
-        assert found == ([mlflow, hf] if name in pipeline_mod.HUB_TASKS else [mlflow]), name
-        assert "env" not in t["container"], f"{name}: plain env would put values in the YAML"
+        assert found == ([mlflow, hf] if spec_of(name).hub_token else [mlflow]), name
+        # the only plain env: the image the pod runs, which the step records (Secrets come by reference)
+        assert t["container"]["env"] == [{"name": "MEDTUNE_IMAGE", "value": t["container"]["image"]}], name
+    assert {name for name, spec in SPECS.items() if spec.hub_token} == {"validate_data", "preprocess", "train",
+                                                                         "evaluate", "push"}
     assert not re.search(r"^kind: Secret", compiled["text"], re.M)
 
 
@@ -100,19 +111,20 @@ def test_no_secret_value_reaches_the_compiled_yaml(tmp_path, monkeypatch):
     assert not [v for v in sentinels.values() if v in text]
 
 
-def test_retries_and_timeouts_as_configured(compiled, cfg):
-    retries, timeouts = cfg.cluster.retries, cfg.cluster.timeouts_s
-    assert set(retries) == {"validate_data", "preprocess", "train", "register", "push", "audit"}
+def test_retries_and_timeouts_as_the_steps_declare(compiled, cfg):
+    assert cfg.cluster.retries == {} and cfg.cluster.timeouts_s == {}, "the profile keeps the steps' defaults"
+    assert {name for name, spec in SPECS.items() if spec.retry} == {"validate_data", "preprocess", "train",
+                                                                     "register", "push", "audit"}
     for task, t in compiled["tasks"].items():
-        name = task.removesuffix("_2")  # audit_2: the audit in the branch where the gate failed
+        spec = spec_of(task)
         policy = t["task"].get("retryPolicy")
-        if name in retries:
-            r = retries[name]
+        if spec.retry:
+            r = spec.retry
             assert policy == {"maxRetryCount": r.retries, "backoffDuration": f"{r.backoff_s}s",
                               "backoffFactor": r.backoff_factor, "backoffMaxDuration": f"{r.backoff_max_s}s"}
         else:
-            assert policy is None, name
-        assert int(t["k8s"]["activeDeadlineSeconds"]) == timeouts[name]
+            assert policy is None, task
+        assert int(t["k8s"]["activeDeadlineSeconds"]) == spec.timeout_s
     assert compiled["tasks"]["push"]["task"]["retryPolicy"]["maxRetryCount"] == 3
     assert int(compiled["tasks"]["train"]["k8s"]["activeDeadlineSeconds"]) == 6 * 3600
 
@@ -168,7 +180,8 @@ def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
     assert cfg.data.path.startswith(cfg.cluster.data_mount + "/")  # the data PVC holds data.path
     for name, t in compiled["tasks"].items():
         mounts = [(m["constant"], m["mountPath"], m.get("subPath", "")) for m in t["k8s"].get("pvcMount", [])]
-        if name in ("preprocess", "train", "evaluate", "audit", "audit_2"):
+        assert spec_of(name).model_cache == (name in ("preprocess", "train", "evaluate", "audit", "audit_2"))
+        if spec_of(name).model_cache:
             assert mounts == [("medtune-model-cache", "/models", ""),
                               ("medtune-model-cache", pipeline_mod.HF_CACHE, "huggingface")]
         elif name == "validate_data":
@@ -179,12 +192,14 @@ def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
 
 def test_display_names(compiled):
     assert compiled["tasks"]["train"]["task"]["taskInfo"]["name"] == "Train LoRA/QLoRA adapter"
-    assert {t["task"]["taskInfo"]["name"] for t in compiled["tasks"].values()} == set(pipeline_mod.DISPLAY_NAMES.values())
+    assert {name: t["task"]["taskInfo"]["name"] for name, t in compiled["tasks"].items()} == \
+        {name: spec_of(name).display_name for name in TASKS}
 
 
 def test_default_config_parameter_is_the_profile(compiled, cfg):
     default = compiled["spec"]["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
-    assert config_mod.from_json(default) == cfg
+    assert config_mod.from_json(default) == cfg.runtime()
+    assert "cluster" not in json.loads(default), "cluster settings are compiled in, not passed to a run"
 
 
 def test_images_pinned_by_digest_when_the_profile_has_one(tmp_path):

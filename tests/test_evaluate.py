@@ -183,7 +183,10 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
     and challenger/champion aliases that move only when the policy promotes."""
     import mlflow
 
-    from medtune import steps, tracking
+    from medtune import tracking
+    from medtune.steps import evaluate as evaluate_step
+    from medtune.steps import gate as gate_step
+    from medtune.steps import open_run, register
 
     passing = {"rules": [{"metric": "empty_rate", "max": 1.0}, {"metric": "rougeL", "max_regression": 1.0}]}
     with tracking.local_server(tmp_path / "mlflow") as uri:
@@ -196,15 +199,15 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
         name = config_mod.from_json(cfg_json(False)).tracking.registered_model
         assert champ.lookup(name)["available"] is False
 
-        run_id = steps.open_run(cfg_json(True), "test-run")
+        run_id = open_run.run(cfg_json(True), "test-run")
         seed = tmp_path / "seed-decision.json"
         seed.write_text(json.dumps({"passed": True, "promote": True, "summary": "seed champion"}))
-        first = steps.register(cfg_json(True), run_id, str(adapters[1]), str(seed), str(tmp_path / "r1.json"))
+        first = register.run(cfg_json(True), run_id, str(adapters[1]), str(seed), str(tmp_path / "r1.json"))
         assert first["aliases"] == ["challenger", "champion"] and first["previous_champion"] is None
 
         write_split(test_rows, tmp_path / "test")
         write_split(test_rows.iloc[:4], tmp_path / "val")
-        comparison = steps.evaluate(cfg_json(False), run_id, str(tmp_path / "test"), str(adapters[0]),
+        comparison = evaluate_step.run(cfg_json(False), run_id, str(tmp_path / "test"), str(adapters[0]),
                                     str(tmp_path / "comparison.json"), str(tmp_path / "pred"),
                                     val_dir=str(tmp_path / "val"))
         assert comparison["champion_info"]["version"] == first["version"]
@@ -217,16 +220,16 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
         history.write_text(json.dumps([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]))
         strict = {"rules": [{"metric": "token_f1", "min": 0.99}]}
         outputs = [str(tmp_path / "comparison.json"), str(history), str(tmp_path / "pred")]
-        rejected = steps.gate(cfg_json(True, strict), run_id, *outputs, str(tmp_path / "d0.json"),
+        rejected = gate_step.run(cfg_json(True, strict), run_id, *outputs, str(tmp_path / "d0.json"),
                               str(tmp_path / "r0.html"))
         assert rejected["passed"] is False and rejected["promote"] is False   # recorded, not raised
         assert client.get_run(run_id).data.tags["medtune.gate"] == "failed"
 
-        decision = steps.gate(cfg_json(False), run_id, *outputs, str(tmp_path / "d1.json"),
+        decision = gate_step.run(cfg_json(False), run_id, *outputs, str(tmp_path / "d1.json"),
                               str(tmp_path / "r1.html"))
         assert decision["passed"] is True and decision["promote"] is False
         assert f"champion: {name} version {first['version']}" in (tmp_path / "r1.html").read_text()
-        second = steps.register(cfg_json(False), run_id, str(adapters[0]), str(tmp_path / "d1.json"),
+        second = register.run(cfg_json(False), run_id, str(adapters[0]), str(tmp_path / "d1.json"),
                                 str(tmp_path / "r2.json"))
         assert second["aliases"] == ["challenger"] and second["promoted"] is False
         assert client.get_model_version_by_alias(name, "champion").version == first["version"]
@@ -234,7 +237,7 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
 
         promoted = tmp_path / "d2.json"
         promoted.write_text(json.dumps({**decision, "promote": True}))
-        third = steps.register(cfg_json(True), run_id, str(adapters[0]), str(promoted), str(tmp_path / "r3.json"))
+        third = register.run(cfg_json(True), run_id, str(adapters[0]), str(promoted), str(tmp_path / "r3.json"))
         assert third["aliases"] == ["challenger", "champion"] and third["previous_champion"] == first["version"]
         assert client.get_model_version_by_alias(name, "champion").version == third["version"]
         versions = {v.version for v in client.search_model_versions(f"name='{name}'")}

@@ -146,7 +146,7 @@ def test_submit_uploads_a_new_version_and_starts_a_run(kfp_server, monkeypatch):
     assert run["service_account"] == "medtune-pipeline-runner"
     assert run["pipeline_version_reference"] == {"pipeline_id": "p-1", "pipeline_version_id": "v-7"}
     sent = config_mod.from_json(run["runtime_config"]["parameters"]["config"])
-    assert sent == config_mod.load(PROFILE)
+    assert sent == config_mod.load(PROFILE).runtime()
     assert run["runtime_config"]["parameters"]["requested_by"] == getpass.getuser()  # for the audit record
 
 
@@ -171,6 +171,7 @@ def test_submit_overrides_reach_the_run_and_the_compiled_placement(kfp_server):
         "resourceCount"] == "2"
     sent = json.loads(_json_body(fake, "POST", f"{API}/runs")["runtime_config"]["parameters"]["config"])
     assert sent["train"]["epochs"] == 3.0
+    assert "cluster" not in sent, "the placement is compiled in; a run's config cannot change it"
 
 
 def test_token_goes_in_the_header_and_nowhere_else(kfp_server, monkeypatch):

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medtune import lineage, models
+from medtune.steps import audit
 from medtune.cli import app
 
 RUN = {"mlflow_run_id": "abc123", "pipeline_run": "medtune-2026", "kfp_run_id": "9f0e", "started_by": "ana",
@@ -50,9 +51,15 @@ def _run(tmp_path: Path, tiny_config, passed: bool = True) -> tuple:
     return cfg, artifacts, data
 
 
+def _build(cfg, artifacts: dict, images: dict | None = None) -> dict:
+    """The record as the audit step builds it: the documents it reads are found through the step specs."""
+    keyed = {key: (stored.uri, str(stored.path)) for key, stored in artifacts.items()}
+    return lineage.build(cfg, RUN, artifacts, audit.documents(keyed), images)
+
+
 def test_record_links_inputs_and_outputs_by_hash(tmp_path, tiny_config):
     cfg, artifacts, data = _run(tmp_path, tiny_config)
-    record = lineage.build(cfg, RUN, artifacts)
+    record = _build(cfg, artifacts)
     assert record["schema"] == lineage.SCHEMA
     assert record["run"] == {**{k: RUN[k] for k in ("mlflow_run_id", "pipeline_run", "kfp_run_id", "started_by")},
                              "runner": "kfp.local"}
@@ -80,7 +87,7 @@ def test_record_links_inputs_and_outputs_by_hash(tmp_path, tiny_config):
 
 def test_a_rejected_run_has_no_registry_or_hub_entries(tmp_path, tiny_config):
     cfg, artifacts, _ = _run(tmp_path, tiny_config, passed=False)
-    record = lineage.build(cfg, RUN, artifacts)
+    record = _build(cfg, artifacts)
     assert not record["gate"]["passed"]
     assert record["mlflow"]["model_version"] is None and record["hub"] is None
     assert "register/registration" not in record["artifacts"]
@@ -88,7 +95,7 @@ def test_a_rejected_run_has_no_registry_or_hub_entries(tmp_path, tiny_config):
 
 def test_verify_names_the_tampered_adapter_and_changed_data(tmp_path, tiny_config):
     cfg, artifacts, data = _run(tmp_path, tiny_config)
-    path = lineage.write(lineage.build(cfg, RUN, artifacts), tmp_path / "out" / "lineage.json")
+    path = lineage.write(_build(cfg, artifacts), tmp_path / "out" / "lineage.json")
     weights = artifacts["train/adapter"].path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes() + b"!")
     data.write_text(data.read_text() + '{"question": "What is a cold?", "answer": "A virus."}\n')
@@ -108,9 +115,10 @@ def test_cluster_record_names_images_and_leaves_remote_artifacts_unchecked(tmp_p
     monkeypatch.setenv("KFP_POD_NAME", "medtune-xyz-audit")  # what the KFP launcher sets in a task pod
     cfg, artifacts, _ = _run(tmp_path, tiny_config)
     remote = {k: lineage.Stored(f"minio://mlpipeline/v2/artifacts/{k}", a.path) for k, a in artifacts.items()}
-    record = lineage.build(cfg, RUN, remote)
+    ran = {"gate": "ghcr.io/medtune/medtune-cpu:0.1.0", "train": "ghcr.io/medtune/medtune-cuda:0.1.0"}
+    record = _build(cfg, remote, ran)  # what the steps' pods tagged (tests/test_tracking_registry.py)
     assert record["run"]["runner"] == "kubernetes"
-    assert record["images"] == {"cpu": cfg.cluster.cpu_image, "gpu": cfg.cluster.cuda_image}
+    assert record["images"] == ran
     result = lineage.verify(lineage.write(record, tmp_path / "lineage.json"))
     assert result.problems == [] and result.checked == 1, "only the data file is reachable from here"
     assert sorted(result.unreachable) == sorted(s.uri for s in remote.values())
@@ -124,7 +132,7 @@ def test_unknown_schema_is_refused(tmp_path):
 
 def test_find_by_run_id_directory_or_file(tmp_path, tiny_config):
     cfg, artifacts, _ = _run(tmp_path, tiny_config)
-    path = lineage.write(lineage.build(cfg, RUN, artifacts), tmp_path / "runs" / "one" / "lineage.json")
+    path = lineage.write(_build(cfg, artifacts), tmp_path / "runs" / "one" / "lineage.json")
     assert lineage.find("abc123", runs_dir=tmp_path / "runs") == path
     assert lineage.find(str(path.parent)) == path == lineage.find(str(path))
     with pytest.raises(FileNotFoundError, match="no lineage.json for 'nope'"):
@@ -133,7 +141,7 @@ def test_find_by_run_id_directory_or_file(tmp_path, tiny_config):
 
 def test_lineage_command_prints_the_record(tmp_path, tiny_config):
     cfg, artifacts, _ = _run(tmp_path, tiny_config)
-    path = lineage.write(lineage.build(cfg, RUN, artifacts), tmp_path / "lineage.json")
+    path = lineage.write(_build(cfg, artifacts), tmp_path / "lineage.json")
     result = CliRunner().invoke(app, ["lineage", str(path)])
     assert result.exit_code == 0, result.output
     for text in ("abc123", "medtune-qa/4", "org/qa@c0ffee", "rougeL 0.2000", "3 rows read, 2 kept, 1 quarantined",

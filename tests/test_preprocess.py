@@ -13,7 +13,7 @@ from conftest import SAMPLE, tiny_config_tree
 from medtune.config import PreprocessConfig
 from medtune.preprocess import (LeakageError, check_no_leakage, prepare, render_prompt, render_prompts, write_split,
                                 _canonical_frame, _deduplicate)
-from medtune.validate import read_rows
+from medtune import rows
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_steps_log_data_docs_quarantine_and_dataset_inputs(tmp_path, tiny_model_
     import mlflow
 
     from medtune import config as config_mod
-    from medtune import steps
+    from medtune.steps import open_run, preprocess, validate_data
 
     data = tmp_path / "in.jsonl"
     data.write_text(SAMPLE.read_text() + '{"question": "What is gout?", "answer"\n')
@@ -129,15 +129,15 @@ def test_steps_log_data_docs_quarantine_and_dataset_inputs(tmp_path, tiny_model_
     # created up front so artifacts land in tmp_path, not in ./mlruns (the default next to a SQLite store)
     mlflow.set_tracking_uri(tree["tracking"]["tracking_uri"])
     mlflow.create_experiment("data-steps", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = steps.open_run(cfg_json, "test-run")
+    run_id = open_run.run(cfg_json, "test-run")
     out = tmp_path / "out"
-    summary = steps.validate_data(cfg_json, run_id, str(out / "data"), str(out / "quarantine.jsonl"),
+    summary = validate_data.run(cfg_json, run_id, str(out / "data"), str(out / "quarantine.jsonl"),
                                   str(out / "validation.json"), str(out / "docs.html"))
     assert (summary["rows_read"], summary["rows_kept"], summary["quarantined_by_rule"]) == (321, 320, {"not_json": 1})
     assert json.loads((out / "quarantine.jsonl").read_text())["line"] == 321
     splits = {n: str(out / n) for n in ("train", "validation", "test")}
-    prepared = steps.preprocess(cfg_json, run_id, str(out / "data"), splits, str(out / "summary.json"))
-    assert len(read_rows(out / "data")) == 320
+    prepared = preprocess.run(cfg_json, run_id, str(out / "data"), splits, str(out / "summary.json"))
+    assert len(rows.read(out / "data")) == 320
 
     client = mlflow.MlflowClient()
     children = {r.data.tags["medtune.step"]: r for r in client.search_runs(

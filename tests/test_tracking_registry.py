@@ -49,15 +49,23 @@ def test_parent_run_records_config_and_steps_nest_under_it(server, tiny_config):
     assert children[0].data.metrics["loss"] == 1.5
     # kfp.local runs every step in this virtualenv: no image ran, so none is named
     assert parent.data.tags["medtune.runner"] == "kfp.local"
-    assert not {k for k in parent.data.tags if k.startswith("medtune.image.")}
+    assert "medtune.image" not in children[0].data.tags and tracking.images_ran(run_id) is None
 
 
-def test_a_run_in_a_task_pod_names_its_images(server, tiny_config, monkeypatch):
+def test_a_run_in_task_pods_names_the_image_each_pod_ran(server, tiny_config, monkeypatch):
+    """Each step tags the image its pod runs ($MEDTUNE_IMAGE, which `place` sets per task from the profile
+    the YAML was compiled from), never an image named in the run-time config."""
     monkeypatch.setenv("KFP_POD_NAME", "medtune-abc-open-run")  # what the KFP launcher sets in a task pod
     cfg = _with_uri(tiny_config, server)
-    tags = mlflow.MlflowClient(server).get_run(tracking.open_run(cfg, pipeline_run="kfp-run-2")).data.tags
-    assert tags["medtune.runner"] == "kubernetes"
-    assert (tags["medtune.image.cpu"], tags["medtune.image.gpu"]) == (cfg.cluster.cpu_image, cfg.cluster.cuda_image)
+    run_id = tracking.open_run(cfg, pipeline_run="kfp-run-2")
+    assert mlflow.MlflowClient(server).get_run(run_id).data.tags["medtune.runner"] == "kubernetes"
+    ran = {"train": "registry.example/medtune-cuda:0.1.0@sha256:" + "ab" * 32,
+           "gate": "registry.example/medtune-cpu:0.1.0"}
+    for step, image in ran.items():
+        monkeypatch.setenv("MEDTUNE_IMAGE", image)
+        with tracking.step(cfg, run_id, step):
+            pass
+    assert tracking.images_ran(run_id) == dict(sorted(ran.items()))
 
 
 def test_registered_adapter_answers_through_pyfunc(server, tiny_config, tmp_path):
@@ -110,7 +118,8 @@ def test_push_and_audit_link_run_registry_version_and_hub_commit(server, tiny_co
     from peft import get_peft_model
 
     from hub_standin import HubStandIn
-    from medtune import lineage, models, steps, train
+    from medtune import lineage, models, train
+    from medtune.steps import audit, open_run, push, register
 
     token = "hf_standin_token"
     monkeypatch.setenv("HF_TOKEN", token)
@@ -129,10 +138,10 @@ def test_push_and_audit_link_run_registry_version_and_hub_commit(server, tiny_co
         cfg = _with_uri(tiny_config, server)
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": "org/qa", "endpoint": standin.url})})
         config_json = cfg.to_json()
-        run_id = steps.open_run(config_json, "medtune-run-3", "kfp-uuid-3", "ana")
-        registration = steps.register(config_json, run_id, str(adapter), str(paths["decision"]),
+        run_id = open_run.run(config_json, "medtune-run-3", "kfp-uuid-3", "ana")
+        registration = register.run(config_json, run_id, str(adapter), str(paths["decision"]),
                                       str(tmp_path / "registration"))
-        pushed = steps.push(config_json, run_id, str(adapter), str(paths["decision"]), str(paths["comparison"]),
+        pushed = push.run(config_json, run_id, str(adapter), str(paths["decision"]), str(paths["comparison"]),
                             str(paths["splits"]), str(paths["validation"]), str(tmp_path / "registration"),
                             str(tmp_path / "hub_push"))
         card = standin.repos["org/qa"]["files"]["README.md"].decode()
@@ -141,7 +150,7 @@ def test_push_and_audit_link_run_registry_version_and_hub_commit(server, tiny_co
     keyed = {"validate_data/validation": paths["validation"], "preprocess/summary": paths["splits"],
              "train/adapter": adapter, "evaluate/comparison": paths["comparison"], "gate/decision": paths["decision"],
              "register/registration": tmp_path / "registration", "push/hub_push": tmp_path / "hub_push"}
-    record = steps.audit(config_json, run_id, {k: (str(p), str(p)) for k, p in keyed.items()},
+    record = audit.run(config_json, run_id, {k: (str(p), str(p)) for k, p in keyed.items()},
                          str(tmp_path / "lineage"))
 
     assert record["run"]["pipeline_run"] == "medtune-run-3" and record["run"]["kfp_run_id"] == "kfp-uuid-3"

@@ -244,11 +244,11 @@ RUNNER = textwrap.dedent("""
     import pandas as pd
     sys.path.insert(0, {root!r})
     from medtune import config, train
-    from medtune.preprocess import read_split
+    from medtune import rows
     cfg = config.from_json(Path(sys.argv[1]).read_text())
-    rows = read_split(Path(sys.argv[2]))
+    split = rows.read(Path(sys.argv[2]))
     try:
-        result = train.train(cfg, rows, rows.head(0), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
+        result = train.train(cfg, split, split.head(0), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
     except train.Preempted as exc:
         print("PREEMPTED", exc, flush=True)
         sys.exit(143)

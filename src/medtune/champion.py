@@ -14,6 +14,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from medtune import config as config_mod
+from medtune import tags
 
 ALIAS = "champion"
 
@@ -23,7 +24,7 @@ class Champion:
     name: str
     version: str
     run_id: str | None
-    adapter_dir: Path
+    adapter_dir: Path  # its trained weights: an adapter, or a full model (train.method full)
     model: config_mod.ModelConfig | None  # the base model it was trained on (None: not recorded)
 
     def info(self) -> dict:
@@ -46,7 +47,7 @@ def lookup(registered_model: str) -> dict:
                     "alias": ALIAS, "reason": f"no version of {registered_model} has alias '{ALIAS}'"}
         raise
     return {"available": True, "name": registered_model, "version": str(version.version),
-            "run_id": version.run_id or version.tags.get("medtune.run_id"), "alias": ALIAS, "reason": ""}
+            "run_id": version.run_id or version.tags.get(tags.RUN_ID), "alias": ALIAS, "reason": ""}
 
 
 def fetch(registered_model: str, dest: Path) -> tuple[Champion | None, dict]:
@@ -56,10 +57,12 @@ def fetch(registered_model: str, dest: Path) -> tuple[Champion | None, dict]:
         return None, info
     local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{registered_model}/{info['version']}", dst_path=str(dest)))
-    adapters = sorted(p.parent for p in local.rglob("adapter_config.json"))
-    if not adapters:
-        raise FileNotFoundError(f"{registered_model} version {info['version']}: no adapter_config.json in its "
-                                f"artifacts ({local})")
+    # The trained weights: an adapter (lora/qlora), else a full model directory (train.method full).
+    weights = sorted(p.parent for p in local.rglob("adapter_config.json")) or \
+        sorted(p.parent for p in local.rglob("config.json") if "architectures" in json.loads(p.read_text()))
+    if not weights:
+        raise FileNotFoundError(f"{registered_model} version {info['version']}: no adapter or model weights in "
+                                f"its artifacts ({local})")
     model = None
     for path in local.rglob("config.json"):
         tree = json.loads(path.read_text())
@@ -68,5 +71,20 @@ def fetch(registered_model: str, dest: Path) -> tuple[Champion | None, dict]:
             model = config_mod.ModelConfig.model_validate(tree["model"])
             break
     champion = Champion(name=registered_model, version=info["version"], run_id=info["run_id"],
-                        adapter_dir=adapters[0], model=model)
+                        adapter_dir=weights[0], model=model)
     return champion, champion.info()
+
+
+def resolve(cfg: config_mod.Config, dest: Path) -> tuple[Champion | None, dict]:
+    """The champion to compare against (downloaded under `dest`), or (None, why there is none to compare):
+    comparison switched off, no tracking server to ask, or no version with the alias."""
+    import os
+
+    if not cfg.eval.compare_champion:
+        return None, {"available": False, "reason": "eval.compare_champion is false"}
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None, {"available": False, "reason": "no tracking server configured (tracking.tracking_uri or "
+                      "MLFLOW_TRACKING_URI)"}
+    mlflow.set_tracking_uri(uri)
+    return fetch(cfg.tracking.registered_model, dest)

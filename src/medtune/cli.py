@@ -18,6 +18,8 @@ from medtune.ingest import DataError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Check a dataset without running the pipeline.")
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect profiles.")
+app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 
 DEFAULT_PROFILE = Path("configs/local.yaml")
@@ -129,21 +131,35 @@ def schedule(host: str = HostOpt, cron: str = typer.Option(
     print(result["url"])
 
 
+@config_app.command("show")
+def config_show(config: Path = ConfigOpt, set_: list[str] = SetOpt):
+    """Print the fully resolved profile as YAML: every field with its value, defaults included, and each task's
+    retries and timeout on the cluster (the step's default unless the profile overrides it)."""
+    import yaml
+
+    from medtune import steps
+
+    cfg = _load_cluster(config, set_)
+    tree = cfg.model_dump(mode="json")
+    specs = steps.specs().values()
+    tree["cluster"]["retries"] = {s.name: cfg.cluster.retry_policy(s).model_dump(mode="json") for s in specs
+                                  if cfg.cluster.retry_policy(s)}
+    tree["cluster"]["timeouts_s"] = {s.name: cfg.cluster.timeout(s) for s in specs}
+    print(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), end="")
+
+
 @app.command()
-def ask(question: str, adapter: Path = typer.Option(None, help="LoRA adapter directory."),
+def ask(question: str, adapter: Path = typer.Option(None, help="What `train` wrote: a LoRA adapter or a full model."),
         config: Path = ConfigOpt, set_: list[str] = SetOpt):
-    """Answer a question with the base model, or base + adapter."""
+    """Answer a question with the base model, or with what training produced (base + adapter, or the full model)."""
     from medtune import models
     from medtune.evaluate import generate
     from medtune.preprocess import render_prompt
 
     cfg = _load(config, set_)
     tokenizer = models.load_tokenizer(cfg.model, padding_side="left")
-    model = models.load_model(cfg.model, cfg.train).to(models.device())
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
+    model = (models.load_trained(cfg.model, cfg.train, adapter) if adapter
+             else models.load_model(cfg.model, cfg.train).to(models.device()))
     prompt = render_prompt(tokenizer, cfg.preprocess.system_prompt, question)
     print(generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                    desc="answering")[0])
@@ -152,36 +168,54 @@ def ask(question: str, adapter: Path = typer.Option(None, help="LoRA adapter dir
 @app.command("evaluate")
 def evaluate_cmd(data: Path = typer.Option(..., "--data", help="Dataset the ingest reads (file, folder, ...); "
                                            "its column mapping and kind come from data.* in the profile."),
-                 adapter: Path = typer.Option(None, help="LoRA adapter directory (the candidate)."),
+                 adapter: Path = typer.Option(None, help="What `train` wrote (the candidate): adapter or full model."),
                  config: Path = ConfigOpt, set_: list[str] = SetOpt,
-                 out: Path = typer.Option(None, help="Write comparison.json, predictions.jsonl, decision.json "
-                                          "and report.html here."),
+                 out: Path = typer.Option(None, help="Keep the validated rows, comparison.json, predictions.jsonl, "
+                                          "decision.json and report.html here."),
                  json_out: bool = typer.Option(False, "--json", help="Print one JSON object as the last line.")):
-    """Score a dataset with the base model, the adapter and the registered champion; print the metric table."""
+    """Score a dataset with the base model, the candidate and the registered champion; print the metric table.
+
+    The pipeline's validate, evaluate and gate steps run standalone (no MLflow run; nothing is registered).
+    The champion is compared when a tracking server is configured (tracking.tracking_uri or
+    $MLFLOW_TRACKING_URI); perplexity is on the scored rows' reference answers."""
+    import tempfile
+
     from rich.table import Table
 
-    from medtune import evaluate as ev
-    from medtune import report
+    from medtune import report, rows
+    from medtune.steps import evaluate, gate, validate_data
 
     cfg = _load(config, [*set_, f"data.path={data.resolve()}"])
-    try:
-        summary = ev.evaluate_dataset(cfg, adapter.resolve() if adapter else None, out)
-    except (DataError, ValueError) as exc:
-        _fail(str(exc), code=1)
-    comparison = summary["comparison"]
-    table = Table(title=f"{summary['kind']}: {comparison['n']} questions from {summary['rows_kept']} rows")
+    with tempfile.TemporaryDirectory(prefix="medtune-evaluate-") as tmp:
+        where = Path(out or tmp)
+        try:
+            validation = validate_data.validate(cfg, str(where / "data"), str(where / "quarantine.jsonl"),
+                                                str(where / "validation.json"))
+            comparison = evaluate.score(cfg, rows.read(where / "data"), adapter.resolve() if adapter else None,
+                                        where / "comparison.json", where)
+        except (DataError, ValueError) as exc:
+            _fail(str(exc), code=1)
+        decision = gate.decide(cfg, where / "comparison.json", None, where, where / "decision.json",
+                               where / "report.html", title=f"medtune evaluate: {cfg.data.path}") \
+            if comparison["candidate"] is not None else None
+    table = Table(title=f"{comparison['kind']}: {comparison['n']} questions from {validation.summary['rows_kept']} rows")
     for column in ("metric", "better", "base", "candidate", "champion", "cand - base [CI]", "cand - champion [CI]"):
         table.add_column(column)
     for row in report.metric_rows(comparison):
         table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # pipes get the full table
-    for line in [*(summary["headline"] or []), f"champion: {comparison['champion_info'].get('version') or 'none'}"
-                 f" {comparison['champion_info'].get('reason') or ''}".rstrip()]:
+    info = comparison["champion_info"]
+    for line in [*(decision["headline"] if decision else []),
+                 f"champion: {info.get('version') or 'none'} {info.get('reason') or ''}".rstrip()]:
         print(line)
-    if summary["gate"]:
-        print(f"gate: {'PASSED' if summary['gate']['passed'] else 'FAILED'} - {summary['gate']['summary']}")
+    if decision:
+        print(f"gate: {'PASSED' if decision['passed'] else 'FAILED'} - {decision['summary']}")
     if json_out:
-        print(json.dumps(summary, default=str))
+        print(json.dumps({"data": cfg.data.path, "kind": comparison["kind"], **{
+            k: validation.summary[k] for k in ("rows_read", "rows_kept")}, "questions": comparison["n"],
+            "adapter": str(adapter) if adapter else None, "comparison": comparison,
+            "gate": decision and {"passed": decision["passed"], "summary": decision["summary"]},
+            "out": str(out) if out else None}, default=str))
 
 
 @app.command("lineage")
@@ -250,25 +284,24 @@ def data_validate(path: str = typer.Argument(..., help="File, folder, MedQuAD fo
                   config: Path = ConfigOpt, set_: list[str] = SetOpt,
                   out: Path = typer.Option(None, help="Folder for quarantine, report and Data Docs "
                                                       "(default: medtune-validation/ next to PATH).")):
-    """Ingest and validate PATH; print counts; exit 1 with the reason on a blocking failure."""
+    """Ingest and validate PATH (the pipeline's validate step, standalone); print counts; exit 1 with the reason
+    on a blocking failure."""
     from medtune import validate
     from medtune.ingest import HF_PREFIX
+    from medtune.steps import validate_data
 
-    cfg = _load(config, set_)
     local = not path.startswith(HF_PREFIX)
-    data_path = str(Path(path).expanduser().resolve()) if local else path
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})
+    cfg = _load(config, [*set_, f"data.path={Path(path).expanduser().resolve() if local else path}"])
     if out is None:
-        base = Path(data_path) if local else Path.cwd()
+        base = Path(cfg.data.path) if local else Path.cwd()
         out = (base.parent if base.is_file() else base) / "medtune-validation"
     try:
-        result = validate.validate(cfg.data, _data_tokenizer(cfg))
+        result = validate_data.validate(cfg, str(out / "kept"), str(out / "quarantine.jsonl"),
+                                        str(out / "validation.json"), str(out / "data_docs.html"))
     except validate.ValidationStopped as stop:
-        _write_validation(stop.validation, out)
         _fail(f"{stop}\nquarantine, report and Data Docs in {out}", code=1)
-    except DataError as exc:
+    except (DataError, ValueError) as exc:
         _fail(str(exc), code=1)
-    _write_validation(result, out)
     s = result.summary
     print(f"rows read {s['rows_read']}, kept {s['rows_kept']}, quarantined {s['rows_quarantined']}")
     for rule, count in s["quarantined_by_rule"].items():
@@ -276,25 +309,6 @@ def data_validate(path: str = typer.Argument(..., help="File, folder, MedQuAD fo
     if s["phi_masked"]:
         print(f"  personal data masked: {s['phi_masked']}")
     print(f"quarantine, report and Data Docs in {out}")
-
-
-def _data_tokenizer(cfg: config_mod.Config):
-    if not (cfg.data.max_question_tokens or cfg.data.max_answer_tokens):
-        return None
-    from medtune import models
-
-    try:
-        return models.load_tokenizer(cfg.model)
-    except (OSError, ValueError) as exc:
-        _fail(f"token bounds are set (data.max_*_tokens) but the tokenizer of model.id={cfg.model.id} "
-              f"cannot be loaded: {exc}")
-
-
-def _write_validation(result, out: Path) -> None:
-    from medtune import validate
-
-    validate.write_outputs(result, out / "kept", out / "quarantine.jsonl", out / "validation.json",
-                           out / "data_docs.html")
 
 
 def main() -> None:  # pragma: no cover - entry point for `python -m medtune.cli`

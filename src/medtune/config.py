@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medtune.images import CPU_IMAGE, GPU_IMAGE, IMAGE_REF
 
 CANONICAL_COLUMNS = ("id", "question", "answer", "context", "focus", "qtype", "source")
 
@@ -246,18 +248,6 @@ class HubConfig(Strict):
     license: str = "apache-2.0"
 
 
-TaskName = Literal["open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
-                   "audit"]
-# repository[:port/path]:tag[@sha256:digest]; a tag is required and `latest` is refused (not a pin).
-IMAGE_REF = r"^[a-z0-9][a-z0-9._/:-]*?:([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(@sha256:[0-9a-f]{64})?$"
-
-
-def _default_image(kind: str) -> str:
-    from medtune import images
-
-    return images.CPU_IMAGE if kind == "cpu" else images.GPU_IMAGE
-
-
 class Resources(Strict):
     cpu: str = Field(pattern=r"^\d+(\.\d+)?m?$", description="Kubernetes CPU quantity (request = limit).")
     memory: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$", description="Kubernetes memory quantity (request = limit).")
@@ -273,9 +263,8 @@ class RetryPolicy(Strict):
 class ClusterConfig(Strict):
     """How the compiled pipeline runs on Kubernetes. kfp.local ignores all but the retry policies."""
 
-    cpu_image: str = Field(default_factory=lambda: _default_image("cpu"), pattern=IMAGE_REF)
-    cuda_image: str = Field(default_factory=lambda: _default_image("cuda"), pattern=IMAGE_REF)
-    gpu_tasks: list[TaskName] = ["train", "evaluate"]
+    cpu_image: str = Field(CPU_IMAGE, pattern=IMAGE_REF)
+    cuda_image: str = Field(GPU_IMAGE, pattern=IMAGE_REF)
     gpu_limit: int = Field(1, ge=0, description="GPUs per GPU task; 0 runs every task on the CPU image and pool.")
     gpu_resource: str = "nvidia.com/gpu"
     gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
@@ -291,19 +280,33 @@ class ClusterConfig(Strict):
     # <mlflow_secret>.username/.password -> $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD.
     hf_secret: str | None = "medtune-hf"
     mlflow_secret: str | None = "medtune-mlflow"
-    retries: dict[TaskName, RetryPolicy] = {
-        "validate_data": RetryPolicy(retries=2), "preprocess": RetryPolicy(retries=3),
-        "train": RetryPolicy(retries=1, backoff_s=60), "register": RetryPolicy(retries=3),
-        "push": RetryPolicy(retries=3), "audit": RetryPolicy(retries=2),
-    }
-    timeouts_s: dict[TaskName, int] = {
-        "open_run": 600, "validate_data": 3600, "preprocess": 3600, "train": 6 * 3600, "evaluate": 3 * 3600,
-        "gate": 900, "register": 1800, "push": 1800, "audit": 1800,
-    }
+    # Per task, overriding the step's default (its StepSpec in medtune/steps/<task>.py); `medtune config show`
+    # prints the defaults. retries: {train: {retries: 2}}; retries 0 switches a default policy off.
+    retries: dict[str, RetryPolicy] = {}
+    timeouts_s: dict[str, int] = {}
     pipeline_name: str = "medtune"
     experiment: str = "medtune"
     namespace: str | None = Field(None, description="Profile namespace on multi-user Kubeflow; None standalone.")
     service_account: str | None = "medtune-pipeline-runner"
+
+    @field_validator("retries", "timeouts_s")
+    @classmethod
+    def _known_tasks(cls, value: dict) -> dict:
+        if value:
+            from medtune.steps import STEP_MODULES
+
+            unknown = sorted(set(value) - set(STEP_MODULES))
+            if unknown:
+                raise ValueError(f"unknown task {', '.join(unknown)}; tasks: {', '.join(STEP_MODULES)}")
+        return value
+
+    def retry_policy(self, spec) -> RetryPolicy | None:
+        """The task's retry policy: this section's override, else the step's default (a StepSpec)."""
+        return self.retries.get(spec.name, spec.retry)
+
+    def timeout(self, spec) -> int:
+        """The task's timeout in seconds: this section's override, else the step's default (a StepSpec)."""
+        return self.timeouts_s.get(spec.name, spec.timeout_s)
 
     @model_validator(mode="after")
     def _pinned_images(self) -> ClusterConfig:
@@ -315,6 +318,8 @@ class ClusterConfig(Strict):
 
 
 class Config(Strict):
+    """The run-time config: the compiled pipeline's `config` parameter, which a run may change field by field."""
+
     name: str
     data: DataConfig
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -324,13 +329,23 @@ class Config(Strict):
     gate: GateConfig
     tracking: TrackingConfig = TrackingConfig()
     hub: HubConfig = HubConfig()
-    cluster: ClusterConfig = ClusterConfig()
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """The run-time fields only (a Profile's `cluster:` is compiled in, never passed to a run)."""
+        return json.dumps(self.model_dump(mode="json", include=set(Config.model_fields)), sort_keys=True)
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+class Profile(Config):
+    """A profile file (configs/*.yaml): the run-time config plus `cluster:`, which shapes the compiled YAML
+    only (images, pools, resources, PVCs, Secrets, retries, timeouts) and is not part of what a run receives."""
+
+    cluster: ClusterConfig = ClusterConfig()
+
+    def runtime(self) -> Config:
+        return Config.model_validate(self.model_dump(include=set(Config.model_fields)))
 
 
 class ConfigError(ValueError):
@@ -355,9 +370,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw else ""
 
 
-def from_dict(tree: dict[str, Any], origin: str = "<config>") -> Config:
+def from_dict(tree: dict[str, Any], origin: str = "<config>", model: type[Config] = Profile) -> Config:
     try:
-        return Config.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
@@ -365,7 +380,7 @@ def from_dict(tree: dict[str, Any], origin: str = "<config>") -> Config:
         raise ConfigError(f"{origin}: invalid config: {problems}") from None
 
 
-def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -381,4 +396,4 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Confi
 
 
 def from_json(text: str) -> Config:
-    return from_dict(json.loads(text), origin="<pipeline parameter>")
+    return from_dict(json.loads(text), origin="<pipeline parameter>", model=Config)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medtune import metrics, models
+from medtune.numeric import jsonable
 from medtune.config import Config
 
 log = logging.getLogger(__name__)
@@ -231,10 +231,12 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
 
     model = models.load_model(cfg.model, cfg.train).to(models.device())
     adapters = []
-    if adapter_dir is not None:
+    # A LoRA/QLoRA candidate shares the base model's weights; a full one (train.method full) is its own model.
+    full_candidate = adapter_dir is not None and not models.is_adapter_dir(adapter_dir)
+    if adapter_dir is not None and not full_candidate:
         model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="candidate")
         adapters.append("candidate")
-    shared_champion = champion is not None and _same_base(cfg, champion)
+    shared_champion = champion is not None and _same_base(cfg, champion) and models.is_adapter_dir(champion.adapter_dir)
     if shared_champion:
         if adapters:
             model.load_adapter(str(champion.adapter_dir), adapter_name="champion")
@@ -259,10 +261,13 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     else:
         runs["base"] = run("base model", model, tokenizer, prompts, ppl_prompts)
     del model
+    if full_candidate:
+        runs["candidate"] = run("candidate", models.load_trained(cfg.model, cfg.train, adapter_dir), tokenizer,
+                                prompts, ppl_prompts)
     if champion is not None and not shared_champion:
         runs_champion = _separate_champion(cfg, champion, items, perplexity_rows, run)
         if runs_champion is None:
-            champion_info["reason"] = f"champion trained on {champion.model.id} could not be loaded"
+            champion_info["reason"] = f"champion trained on {(champion.model or cfg.model).id} could not be loaded"
         else:
             runs["champion"] = runs_champion
     if champion is not None and "champion" in runs:
@@ -275,95 +280,29 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
 
 
 def _separate_champion(cfg: Config, champion, items: pd.DataFrame, perplexity_rows: pd.DataFrame, run):
-    """A champion on another base model: loaded on its own base, prompted with that base's chat template."""
-    from peft import PeftModel
-
+    """A champion on another base model (loaded on its own base, prompted with that base's chat template) or a
+    fully fine-tuned one."""
     from medtune.preprocess import render_prompt
 
+    base = champion.model or cfg.model
     try:
-        tokenizer = models.load_tokenizer(champion.model, padding_side="left")
-        base = models.load_model(champion.model, cfg.train).to(models.device())
+        tokenizer = models.load_tokenizer(base, padding_side="left")
+        model = models.load_trained(base, cfg.train, champion.adapter_dir)
     except (OSError, ValueError) as exc:
-        log.warning("champion base model %s could not be loaded: %s", champion.model.id, exc)
+        log.warning("champion (base model %s) could not be loaded: %s", base.id, exc)
         return None
-    model = PeftModel.from_pretrained(base, str(champion.adapter_dir))
     model.config.use_cache = True
     prompts = [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in items["question"]]
     ppl_prompts = [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in perplexity_rows["question"]]
     return run("champion", model, tokenizer, prompts, ppl_prompts)
 
 
-def _jsonable(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def write_outputs(result: Evaluation, comparison_path: Path, predictions_dir: Path) -> dict:
     """comparison.json (NaN written as null, which the gate treats as missing) and predictions.jsonl."""
-    comparison = _jsonable(result.comparison())
+    comparison = jsonable(result.comparison())
     comparison_path.parent.mkdir(parents=True, exist_ok=True)
     comparison_path.write_text(json.dumps(comparison, indent=2))
     predictions_dir.mkdir(parents=True, exist_ok=True)
     result.predictions.to_json(predictions_dir / "predictions.jsonl", orient="records", lines=True,
                                force_ascii=False)
     return comparison
-
-
-def tracking_uri(cfg: Config) -> str | None:
-    import os
-
-    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-
-
-def evaluate_dataset(cfg: Config, adapter_dir: Path | None, out_dir: Path | None = None) -> dict:
-    """`medtune evaluate`: validate any dataset the ingest reads (cfg.data), score it, optionally write files.
-
-    The champion is compared when a tracking server is configured (tracking.tracking_uri or
-    $MLFLOW_TRACKING_URI); perplexity is on the scored rows' reference answers. With an adapter, the
-    gate policy (cfg.gate) is applied too, but nothing is registered or promoted from here.
-    """
-    import tempfile
-
-    import mlflow
-
-    from medtune import champion as champ
-    from medtune import gate as gating
-    from medtune import report, validate
-
-    validation = validate.validate(cfg.data)
-    uri = tracking_uri(cfg)
-    with tempfile.TemporaryDirectory(prefix="medtune-champion-") as tmp:
-        if not cfg.eval.compare_champion:
-            champion, info = None, {"available": False, "reason": "eval.compare_champion is false"}
-        elif not uri:
-            champion, info = None, {"available": False, "reason": "no tracking server configured "
-                                    "(tracking.tracking_uri or MLFLOW_TRACKING_URI)"}
-        else:
-            mlflow.set_tracking_uri(uri)
-            champion, info = champ.fetch(cfg.tracking.registered_model, Path(tmp))
-        result = evaluate(cfg, validation.kept, adapter_dir, None, champion, info, perplexity_split="test")
-    comparison = _jsonable(result.comparison())
-    decision = gating.decide(cfg.gate, comparison) if comparison["candidate"] is not None else None
-    outputs = {}
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        write_outputs(result, out_dir / "comparison.json", out_dir)
-        outputs = {"comparison": str(out_dir / "comparison.json"), "predictions": str(out_dir / "predictions.jsonl")}
-        if decision is not None:
-            (out_dir / "decision.json").write_text(json.dumps(decision, indent=2))
-            outputs["decision"] = str(out_dir / "decision.json")
-        shown = decision or {"passed": False, "summary": "no candidate adapter: gate not applied", "checks": [],
-                             "headline": []}
-        (out_dir / "report.html").write_text(report.render(comparison, shown, [], result.predictions,
-                                                           title=f"medtune evaluate: {cfg.data.path}"))
-        outputs["report"] = str(out_dir / "report.html")
-    return {"data": cfg.data.path, "kind": cfg.data.kind, "rows_read": validation.summary["rows_read"],
-            "rows_kept": validation.summary["rows_kept"], "questions": comparison["n"],
-            "adapter": str(adapter_dir) if adapter_dir else None, "comparison": comparison,
-            "gate": None if decision is None else {"passed": decision["passed"], "summary": decision["summary"]},
-            "headline": None if decision is None else decision["headline"], "outputs": outputs}

@@ -99,7 +99,7 @@ def version_name() -> str:
     return f"{__version__}-{sha[:12]}{dirty}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def compile_package(cfg: config_mod.Config, directory: Path) -> Path:
+def compile_package(cfg: config_mod.Profile, directory: Path) -> Path:
     from kfp import compiler
 
     from medtune.pipeline import build
@@ -135,7 +135,7 @@ def ui_url(client, fragment: str) -> str:
     return f"{client._get_url_prefix().rstrip('/')}/#/{fragment}"
 
 
-def publish(client, cfg: config_mod.Config) -> tuple[str, str, str]:
+def publish(client, cfg: config_mod.Profile) -> tuple[str, str, str]:
     """Compile the pipeline from `cfg`, upload it as a new version; return pipeline, version and experiment ids."""
     cluster = cfg.cluster
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,7 +144,7 @@ def publish(client, cfg: config_mod.Config) -> tuple[str, str, str]:
     return pipeline_id, version_id, experiment_id(client, cluster.experiment, cluster.namespace)
 
 
-def submit(client, cfg: config_mod.Config, run_name: str | None = None) -> dict:
+def submit(client, cfg: config_mod.Profile, run_name: str | None = None) -> dict:
     cluster = cfg.cluster
     pipeline_id, version_id, exp = publish(client, cfg)
     run_name = run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
@@ -156,7 +156,7 @@ def submit(client, cfg: config_mod.Config, run_name: str | None = None) -> dict:
             "pipeline_id": pipeline_id, "version_id": version_id, "experiment_id": exp}
 
 
-def schedule(client, cfg: config_mod.Config, spec: RecurringRunSpec) -> dict:
+def schedule(client, cfg: config_mod.Profile, spec: RecurringRunSpec) -> dict:
     """Create the recurring run `spec.name`, replacing one of that name (KFP cannot edit a recurring run)."""
     cluster = cfg.cluster
     pipeline_id, version_id, exp = publish(client, cfg)

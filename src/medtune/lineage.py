@@ -6,14 +6,15 @@ in (data files, base model, config, code, package lock, images) to what came out
 metrics, the gate decision, the MLflow run and model version, the Hub commit), each by sha256. `verify`
 recomputes every hash it can reach, so a tampered adapter or a changed data file is named.
 
-Schema `medtune.lineage/2` (bump the number on any incompatible change; `verify` refuses others):
+Schema `medtune.lineage/3` (bump the number on any incompatible change; `verify` refuses others):
   schema, created_at
   run        {mlflow_run_id, pipeline_run, kfp_run_id, started_by, runner}; started_by is the pipeline's
              `requested_by` (the user of `medtune run`/`submit`, or "schedule NAME (creator)"), else the OS user
   code       {version, git_sha ("<sha>-dirty" when tracked files differed from it), lock {path, sha256}}
   config     {sha256, resolved}
-  images     {cpu, gpu}: what the DAG's tasks ran in (runner "kubernetes"); null for kfp.local, which
-             runs every task in the current virtualenv
+  images     {step: image}: what each step's pod ran (runner "kubernetes"; each step tags its MLflow run
+             with its pod's image); null for kfp.local, which runs every task in the current virtualenv.
+             (Schema 2 had {cpu, gpu} from the config, which a run could override without changing the pods.)
   base_model {id, source, revision, commit (Hub snapshot), sha256 (local directory content)}
   data       {path, sha256, files {relative path: sha256}, rows_read, rows_kept, rows_quarantined}
   splits     {name: {rows, fingerprint}}
@@ -33,11 +34,12 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from medtune import __version__, digests, images
+from medtune import __version__, digests
 from medtune.config import Config
 from medtune.digests import sha256_file
+from medtune.images import runner
 
-SCHEMA = "medtune.lineage/2"
+SCHEMA = "medtune.lineage/3"
 FILENAME = "lineage.json"
 # The images install from images/constraints.txt and say where it is; a checkout has requirements.lock.
 LOCK = Path(os.environ.get("MEDTUNE_LOCK", Path(__file__).resolve().parents[2] / "requirements.lock"))
@@ -87,31 +89,30 @@ def base_model_record(cfg: Config) -> dict:
     return record
 
 
-def _read_json(artifacts: dict[str, Stored], key: str) -> dict | None:
-    stored = artifacts.get(key)
-    return json.loads(stored.path.read_text()) if stored else None
-
-
-def build(cfg: Config, run: dict, artifacts: dict[str, Stored]) -> dict:
+def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[str, dict],
+          images: dict[str, str] | None) -> dict:
     """The record for one pipeline run from the artifacts its steps wrote (keyed "task/output").
 
-    `run` carries mlflow_run_id, pipeline_run, kfp_run_id, started_by and tracking_uri.
+    `run` carries mlflow_run_id, pipeline_run, kfp_run_id, started_by and tracking_uri; `documents` the JSON
+    outputs this reads, by role (validation, splits, comparison, decision, and registration and hub when
+    the gate passed; each step's spec says which output plays which role); `images` what each step's pod
+    ran (None under kfp.local).
     """
-    validation = _read_json(artifacts, "validate_data/validation")["summary"]
-    splits = _read_json(artifacts, "preprocess/summary")["splits"]
-    comparison = _read_json(artifacts, "evaluate/comparison")
-    decision = _read_json(artifacts, "gate/decision")
-    registration = _read_json(artifacts, "register/registration")
+    validation = documents["validation"]["summary"]
+    splits = documents["splits"]["splits"]
+    comparison = documents["comparison"]
+    decision = documents["decision"]
+    registration = documents.get("registration")
     return {
         "schema": SCHEMA,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run": {"mlflow_run_id": run["mlflow_run_id"], "pipeline_run": run["pipeline_run"],
                 "kfp_run_id": run["kfp_run_id"], "started_by": run.get("started_by"),
-                "runner": images.runner()},
+                "runner": runner()},
         "code": {"version": __version__, "git_sha": digests.git_sha(),
                  "lock": {"path": LOCK.name, "sha256": sha256_file(LOCK) if LOCK.exists() else None}},
         "config": {"sha256": cfg.digest(), "resolved": json.loads(cfg.to_json())},
-        "images": images.ran_in(cfg.cluster.cpu_image, cfg.cluster.cuda_image),
+        "images": images,
         "base_model": base_model_record(cfg),
         "data": {**validation["source"],
                  **{k: validation[k] for k in ("rows_read", "rows_kept", "rows_quarantined")}},
@@ -125,7 +126,7 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored]) -> dict:
                    "model_version": f"{registration['name']}/{registration['version']}" if registration else None,
                    "model_uri": registration["model_uri"] if registration else None,
                    "aliases": registration["aliases"] if registration else []},
-        "hub": _read_json(artifacts, "push/hub_push"),
+        "hub": documents.get("hub"),
     }
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from medtune.config import PreprocessConfig
+from medtune.rows import FILENAME as ROWS_FILE
 
 SPLITS = ("train", "validation", "test")
 _SPACE = re.compile(r"\s+")
@@ -43,10 +44,6 @@ class LeakageError(ValueError):
 
 def normalise(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
-
-
-def question_key(text: str) -> str:
-    return normalise(text).casefold()
 
 
 @dataclass
@@ -253,8 +250,5 @@ def fingerprint(df: pd.DataFrame) -> str:
 
 def write_split(df: pd.DataFrame, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "rows.jsonl").write_text("".join(line + "\n" for line in canonical_lines(df)))
+    (directory / ROWS_FILE).write_text("".join(line + "\n" for line in canonical_lines(df)))
 
-
-def read_split(directory: Path) -> pd.DataFrame:
-    return pd.read_json(directory / "rows.jsonl", orient="records", lines=True, dtype=False)

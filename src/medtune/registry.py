@@ -1,17 +1,19 @@
-"""Register a gated adapter as a new MLflow model version.
+"""Register gated weights as a new MLflow model version.
 
-The adapter is logged as a pyfunc that loads base + adapter on demand, so `mlflow.pyfunc.load_model`
-answers questions; the base weights are not copied into the registry (they are referenced by id).
+The trained weights (a LoRA adapter, or the whole model for train.method full) are logged as a pyfunc that
+loads them on demand (`models.load_trained`), so `mlflow.pyfunc.load_model` answers questions; for an
+adapter the base weights are not copied into the registry (they are referenced by id).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
-from medtune import __version__, digests, images
+from medtune import tags, tracking
 from medtune.config import Config
 
 
@@ -22,11 +24,8 @@ class AdapterQA(mlflow.pyfunc.PythonModel):
         from medtune import config as config_mod, models
 
         self.cfg = config_mod.from_json(Path(context.artifacts["config"]).read_text())
-        from peft import PeftModel
-
         self.tokenizer = models.load_tokenizer(self.cfg.model, padding_side="left")
-        base = models.load_model(self.cfg.model, self.cfg.train).to(models.device())
-        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"])
+        self.model = models.load_trained(self.cfg.model, self.cfg.train, context.artifacts["adapter"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         from medtune.evaluate import generate
@@ -41,11 +40,10 @@ class AdapterQA(mlflow.pyfunc.PythonModel):
 def register(cfg: Config, parent_run_id: str, adapter_dir: Path, decision: dict, workdir: Path) -> dict:
     config_path = workdir / "config.json"
     config_path.write_text(cfg.to_json())
-    tags = {"medtune.gate": "passed" if decision["passed"] else "failed",
-            "medtune.gate_summary": decision["summary"], "medtune.run_id": parent_run_id,
-            "medtune.config_sha256": cfg.digest(), "medtune.base_model": cfg.model.id,
-            "medtune.base_model_revision": cfg.model.revision, "medtune.git_sha": digests.git_sha(),
-            "medtune.version": __version__, **images.tags(cfg.cluster.cpu_image, cfg.cluster.cuda_image)}
+    ran = tracking.images_ran(parent_run_id)
+    version_tags = {**tracking.identity(cfg), tags.GATE: "passed" if decision["passed"] else "failed",
+                    tags.GATE_SUMMARY: decision["summary"], tags.RUN_ID: parent_run_id,
+                    **({tags.IMAGES: json.dumps(ran)} if ran else {})}
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=AdapterQA(),
@@ -55,7 +53,7 @@ def register(cfg: Config, parent_run_id: str, adapter_dir: Path, decision: dict,
     )
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
-    for key, value in tags.items():
+    for key, value in version_tags.items():
         client.set_model_version_tag(cfg.tracking.registered_model, version, key, value)
     return {"name": cfg.tracking.registered_model, "version": version, "model_uri": info.model_uri,
             **set_aliases(client, cfg.tracking.registered_model, version, decision)}
@@ -80,6 +78,6 @@ def set_aliases(client, name: str, version: str, decision: dict) -> dict:
         client.set_registered_model_alias(name, "champion", version)
         aliases.append("champion")
         if previous_version:
-            client.set_model_version_tag(name, version, "medtune.previous_champion", previous_version)
-    client.set_model_version_tag(name, version, "medtune.promoted", str(promoted).lower())
+            client.set_model_version_tag(name, version, tags.PREVIOUS_CHAMPION, previous_version)
+    client.set_model_version_tag(name, version, tags.PROMOTED, str(promoted).lower())
     return {"alias": aliases[-1], "aliases": aliases, "previous_champion": previous_version, "promoted": promoted}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 
-from medtune import __version__, digests, images
+from medtune import __version__, digests, images, tags
 from medtune.config import Config
 
 
@@ -85,8 +85,11 @@ def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
         log.close()
 
 
-def code_version() -> str:
-    return digests.git_sha()
+def identity(cfg: Config) -> dict[str, str]:
+    """What produced a run (and each model version it registers): code, config, base model, runner."""
+    return {tags.VERSION: __version__, tags.GIT_SHA: digests.git_sha(), tags.CONFIG_SHA256: cfg.digest(),
+            tags.BASE_MODEL: cfg.model.id, tags.BASE_MODEL_REVISION: cfg.model.revision,
+            tags.RUNNER: images.runner()}
 
 
 def _connect(cfg: Config) -> None:
@@ -111,18 +114,9 @@ def open_run(cfg: Config, pipeline_run: str, kfp_run_id: str = "", requested_by:
     `requested_by` is who asked for the run (`medtune run`/`submit` pass the local user, a schedule names
     itself and its creator); in a task pod the OS user is the image's, which says nothing."""
     _connect(cfg)
-    tags = {
-        "medtune.version": __version__,
-        "medtune.git_sha": code_version(),
-        "medtune.config_sha256": cfg.digest(),
-        "medtune.pipeline_run": pipeline_run,
-        "medtune.kfp_run_id": kfp_run_id,
-        "medtune.requested_by": requested_by,
-        "medtune.base_model": cfg.model.id,
-        "medtune.base_model_revision": cfg.model.revision,
-        **images.tags(cfg.cluster.cpu_image, cfg.cluster.cuda_image),
-    }
-    with mlflow.start_run(run_name=f"{cfg.name}-{pipeline_run}", tags=tags) as run:
+    run_tags = {**identity(cfg), tags.PIPELINE_RUN: pipeline_run, tags.KFP_RUN_ID: kfp_run_id,
+                tags.REQUESTED_BY: requested_by}
+    with mlflow.start_run(run_name=f"{cfg.name}-{pipeline_run}", tags=run_tags) as run:
         params = _flatten(cfg.model_dump(mode="json"))
         # MLflow caps a batch at 100 params.
         keys = sorted(params)
@@ -134,11 +128,21 @@ def open_run(cfg: Config, pipeline_run: str, kfp_run_id: str = "", requested_by:
 
 @contextmanager
 def step(cfg: Config, parent_run_id: str, name: str) -> Iterator[mlflow.ActiveRun]:
-    """A nested run for one pipeline step under the parent run."""
+    """A nested run for one pipeline step under the parent run, tagged with the image its pod runs."""
     _connect(cfg)
+    image = images.current()
     with mlflow.start_run(run_id=parent_run_id):
-        with mlflow.start_run(run_name=name, nested=True, tags={"medtune.step": name}) as child:
+        with mlflow.start_run(run_name=name, nested=True,
+                              tags={tags.STEP: name, **({tags.IMAGE: image} if image else {})}) as child:
             yield child
+
+
+def images_ran(parent_run_id: str) -> dict[str, str] | None:
+    """{step: image} the run's steps tagged so far (their pods' images); None when none ran in a pod."""
+    found = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", output_format="list",
+                               experiment_ids=[mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id])
+    ran = {r.data.tags[tags.STEP]: r.data.tags[tags.IMAGE] for r in found if tags.IMAGE in r.data.tags}
+    return dict(sorted(ran.items())) or None
 
 
 def log_parent_metrics(parent_run_id: str, values: dict[str, float], prefix: str) -> None:

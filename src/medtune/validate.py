@@ -21,6 +21,7 @@ import great_expectations.expectations as gxe
 import pandas as pd
 
 from medtune import phi
+from medtune.rows import FILENAME as ROWS_FILE
 from medtune.config import DataConfig
 from medtune.ingest import REQUIRED, DataError, Ingested, ingest, quarantine_record
 
@@ -289,7 +290,7 @@ def write_outputs(result: Validation, data_dir: Path, quarantine_path: Path, rep
                   docs_path: Path | None = None) -> None:
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        result.kept.to_json(data_dir / "rows.jsonl", orient="records", lines=True, force_ascii=False)
+        result.kept.to_json(data_dir / ROWS_FILE, orient="records", lines=True, force_ascii=False)
     write_quarantine(result.quarantine, quarantine_path)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps({"summary": result.summary, "suite": result.suite,
@@ -305,6 +306,3 @@ def write_quarantine(records: list[dict], path: Path) -> None:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
-
-def read_rows(data_dir: Path) -> pd.DataFrame:
-    return pd.read_json(data_dir / "rows.jsonl", orient="records", lines=True, dtype=False)

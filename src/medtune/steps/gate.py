@@ -1,0 +1,84 @@
+"""Step `gate`: apply the promotion policy (cfg.gate) to the comparison and write the evaluation report.
+
+A failed gate is a recorded decision, not an error. `medtune evaluate` applies it standalone (`decide`).
+"""
+
+import json
+from pathlib import Path
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Output
+
+from medtune import config as config_mod
+from medtune.steps import StepSpec, kfp_component
+
+SPEC = StepSpec(name="gate", display_name="Promotion gate", timeout_s=900, records={"decision": "decision"})
+
+
+def decide(cfg: config_mod.Config, comparison_path: Path, history_path: Path | None, predictions_dir: Path,
+           decision_path: Path, report_path: Path, title: str) -> dict:
+    """Write the decision (every check with its value, bound and verdict) and the HTML report."""
+    import pandas as pd
+
+    from medtune import gate as gating
+    from medtune import report
+
+    comparison = json.loads(Path(comparison_path).read_text())
+    decision = gating.decide(cfg.gate, comparison)
+    Path(decision_path).write_text(json.dumps(decision, indent=2))
+    predictions = pd.read_json(Path(predictions_dir) / "predictions.jsonl", orient="records", lines=True)
+    history = json.loads(history_path.read_text()) if history_path and history_path.exists() else []
+    Path(report_path).write_text(report.render(comparison, decision, history, predictions, title=title))
+    return decision
+
+
+def run(config_json: str, run_id: str, comparison_path: str, history_path: str, predictions_dir: str,
+        decision_path: str, report_path: str) -> dict:
+    import mlflow
+
+    from medtune import tags, tracking
+
+    cfg = config_mod.from_json(config_json)
+    decision = decide(cfg, Path(comparison_path), Path(history_path) if history_path else None,
+                      Path(predictions_dir), Path(decision_path), Path(report_path),
+                      title=f"medtune evaluation: {cfg.name}, run {run_id}")
+    with tracking.step(cfg, run_id, SPEC.name):
+        mlflow.log_dict(decision, "gate/decision.json")
+        mlflow.log_dict(cfg.gate.model_dump(mode="json"), "gate/policy.json")
+        mlflow.log_metric("gate_passed", float(decision["passed"]))
+        mlflow.log_artifact(report_path, "report")
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, tags.GATE, "passed" if decision["passed"] else "failed")
+    client.set_tag(run_id, tags.GATE_SUMMARY, decision["summary"][:5000])
+    client.log_artifact(run_id, report_path, "report")
+    client.log_dict(run_id, decision, "gate/decision.json")
+    return decision
+
+
+@kfp_component(SPEC)
+def gate(config: str, run_id: str, comparison: Input[Artifact], history: Input[Artifact],
+         predictions: Input[Dataset], decision: Output[Artifact], report: Output[HTML]) -> bool:
+    """Apply the promotion policy to the comparison and write the evaluation report.
+
+    A plain `bool` return (output name `Output`), not a NamedTuple: kfp.local resolves a dsl.If condition
+    only on `<task>-Output` channels.
+
+    Args:
+        config: The resolved run-time config (JSON); its `gate` section is the policy.
+        run_id: The MLflow parent run id.
+        comparison: The evaluate step's metrics and CIs.
+        history: The training history (loss curve in the report).
+        predictions: Every model's answers (examples in the report).
+        decision: Every check with its value, bound and verdict, and the summary.
+        report: The HTML evaluation report.
+
+    Returns:
+        Whether the candidate passed (the DAG registers and pushes only then).
+    """
+    from medtune.steps import gate as step
+
+    result = step.run(config, run_id, comparison.path, history.path, predictions.path, decision.path, report.path)
+    decision.metadata.update(passed=result["passed"], summary=result["summary"])
+    return result["passed"]
+
+
+component = gate
