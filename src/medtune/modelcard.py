@@ -18,7 +18,10 @@ TEMPLATE = """
 
 # {{ model_name }}
 
-{% if merged -%}
+{% if method == "full" -%}
+**{{ base_model }}** with all its weights fine-tuned by [medtune](https://github.com/medtune/medtune) for
+medical question answering. Loads with plain `transformers`.
+{%- elif merged -%}
 **{{ base_model }}** with a {{ method }} adapter merged into its weights, fine-tuned by
 [medtune](https://github.com/medtune/medtune) for medical question answering. Loads with plain `transformers`.
 {%- else -%}
@@ -87,10 +90,12 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
                           dataset_name=f"{cfg.name} test split", dataset_split="test", metric_type=metric,
                           metric_name=metric, metric_value=round(candidate[metric], 4))
                for metric in REPORTED if candidate.get(metric) is not None]
-    data = ModelCardData(base_model=cfg.model.id, base_model_relation="merge" if merged else "adapter",
-                         library_name="transformers" if merged else "peft", license=cfg.hub.license,
+    full = cfg.train.method == "full"  # a whole model, not an adapter
+    data = ModelCardData(base_model=cfg.model.id,
+                         base_model_relation="finetune" if full else "merge" if merged else "adapter",
+                         library_name="transformers" if full or merged else "peft", license=cfg.hub.license,
                          language="en", pipeline_tag="text-generation",
-                         tags=["medical", "lora", cfg.train.method, "medtune"],
+                         tags=["medical", *([] if full else ["lora"]), cfg.train.method, "medtune"],
                          model_name=repo, eval_results=results or None)
     rows = []
     for metric in REPORTED:

@@ -97,8 +97,14 @@ def table(specs_: dict[str, StepSpec] | None = None) -> str:
 def kfp_component(spec: StepSpec):
     """The `@dsl.component` decorator for a step: its default image follows the spec's pool (`place` pins the
     profile's images per task); medtune comes from the image, so KFP installs nothing."""
+    import os
+
     from kfp import dsl
 
     from medtune.images import CPU_IMAGE, GPU_IMAGE
 
+    if os.environ.get("_KFP_RUNTIME") == "true":
+        # Inside a task the component's body imports this module for `run`; KFP's runtime kfp.dsl has no
+        # decorators, and the function needs none there.
+        return lambda func: func
     return dsl.component(base_image=GPU_IMAGE if spec.gpu else CPU_IMAGE, install_kfp_package=False)
