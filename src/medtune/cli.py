@@ -258,9 +258,11 @@ def data_validate(path: str = typer.Argument(..., help="File, folder, MedQuAD fo
     local = not path.startswith(HF_PREFIX)
     data_path = str(Path(path).expanduser().resolve()) if local else path
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_path})})
-    if out is None:
-        base = Path(data_path) if local else Path.cwd()
-        out = (base.parent if base.is_file() else base) / "medtune-validation"
+    base = Path(data_path) if local else Path.cwd()
+    if out is None:  # next to PATH, never inside it: a re-run would read its own output
+        out = (base.parent if local else base) / "medtune-validation"
+    if local and base.is_dir() and out.resolve().is_relative_to(base):
+        _fail(f"--out {out} is inside the data folder {base}; a later run would read it as data", code=2)
     try:
         result = validate.validate(cfg.data, _data_tokenizer(cfg))
     except validate.ValidationStopped as stop:
@@ -291,10 +293,11 @@ def _data_tokenizer(cfg: config_mod.Config):
 
 
 def _write_validation(result, out: Path) -> None:
-    from medtune import validate
+    from medtune import ingest, validate
 
     validate.write_outputs(result, out / "kept", out / "quarantine.jsonl", out / "validation.json",
                            out / "data_docs.html")
+    (out / ingest.OUTPUT_MARKER).touch()  # ingest never reads a folder holding this back as data
 
 
 def main() -> None:  # pragma: no cover - entry point for `python -m medtune.cli`

@@ -50,6 +50,7 @@ HF_PREFIX = "hf://"
 OUTPUT_MARKER = ".medtune-output"
 # Rows are flat records; deeper nesting is a crafted input (and would exhaust recursion when echoed).
 MAX_DEPTH = 32
+READ_THERE = ", read there"  # a link inside the data folder: its target is read where it lies
 # What a quarantined over-long line keeps of itself.
 HEAD_BYTES = 1024
 # Errors a stream raises when the bytes are not what the name says or end early.
@@ -163,7 +164,8 @@ def _walk(root: Path, cfg: DataConfig, out: Ingested) -> Iterator[tuple[Path, st
 
     for folder, dirs, files in os.walk(root, onerror=unreadable_folder):
         here = Path(folder)
-        if (here / OUTPUT_MARKER).exists():
+        if (here / OUTPUT_MARKER).exists() or (here.name == "medtune-validation"
+                                                 and (here / "validation.json").exists()):  # older versions
             out.skipped[str(here)] = "output of medtune data validate"
             dirs.clear()
             continue
@@ -173,7 +175,7 @@ def _walk(root: Path, cfg: DataConfig, out: Ingested) -> Iterator[tuple[Path, st
             why = _refusal(path, root, cfg)
             if why == "":
                 found.append((path, _kind_of(name, cfg)))
-            elif why.startswith("link to "):
+            elif why.endswith(READ_THERE):
                 out.skipped[str(path)] = why
             else:
                 refused[str(path)] = why
@@ -193,7 +195,7 @@ def _refusal(path: Path, root: Path, cfg: DataConfig) -> str:
             return f"broken link to {target}"
         if not target.is_relative_to(root):
             return f"link to {target}, outside the data folder {root}"
-        return f"link to {target}, read there"
+        return f"link to {target}{READ_THERE}"
     if not stat.S_ISREG(mode):
         return "not a regular file (device, pipe or socket)"
     if _kind_of(path.name, cfg) is None:
@@ -430,6 +432,7 @@ def _decode_csv(name: str, stream: BinaryIO, delimiter: str, cfg: DataConfig,
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     with _csv_field_limit(cfg.max_row_bytes):
         reader = csv.reader(text, delimiter=delimiter)
+        start = 1
         try:
             header = next(reader, None)
             if header is None:
@@ -456,7 +459,7 @@ def _decode_csv(name: str, stream: BinaryIO, delimiter: str, cfg: DataConfig,
                     continue
                 yield line, raw
         except csv.Error as exc:
-            raise DataError(f"{name} line {reader.line_num + 1}: {exc} (a field is bounded by "
+            raise DataError(f"{name} line {start}: {exc} (a field is bounded by "
                             f"data.max_row_bytes={cfg.max_row_bytes} characters)") from None
 
 

@@ -36,10 +36,12 @@ def validate_data(config_json: str, run_id: str, data_dir: str, quarantine_path:
         except validate.ValidationStopped as stop:
             # The run stops, but with its evidence: quarantine, report and Data Docs are still logged.
             stop.validation.summary["source"] = source
-            _log_validation(stop.validation, None, quarantine_path, report_path, docs_path)
+            _log_validation(stop.validation, None, quarantine_path, report_path, docs_path,
+                            cfg.data.log_raw_quarantine)
             raise
         result.summary["source"] = source
-        counts = _log_validation(result, data_dir, quarantine_path, report_path, docs_path)
+        counts = _log_validation(result, data_dir, quarantine_path, report_path, docs_path,
+                                 cfg.data.log_raw_quarantine)
     tracking.log_parent_metrics(run_id, counts, "data.")
     return result.summary
 
@@ -54,7 +56,7 @@ def _data_tokenizer(cfg: config_mod.Config):
 
 
 def _log_validation(result, data_dir: str | None, quarantine_path: str, report_path: str,
-                    docs_path: str | None) -> dict:
+                    docs_path: str | None, log_raw_quarantine: bool = False) -> dict:
     from medtune import validate
 
     validate.write_outputs(result, Path(data_dir) if data_dir else None, Path(quarantine_path), Path(report_path),
@@ -64,7 +66,9 @@ def _log_validation(result, data_dir: str | None, quarantine_path: str, report_p
     mlflow.log_metrics({f"quarantined.{rule}": n for rule, n in result.summary["quarantined_by_rule"].items()})
     mlflow.log_dict(result.suite, "validation/expectation_suite.json")
     mlflow.log_artifact(report_path, "validation")
-    mlflow.log_artifact(quarantine_path, "validation")
+    mlflow.log_artifact(quarantine_path, "validation")  # masked; the raw one stays local unless asked for
+    if log_raw_quarantine:
+        mlflow.log_artifact(str(validate.raw_quarantine_path(Path(quarantine_path))), "validation")
     if docs_path:
         mlflow.log_text(result.docs_html, "validation/data_docs.html")
     return counts
