@@ -28,12 +28,14 @@ import great_expectations.expectations as gxe
 import pandas as pd
 
 from medtune import phi
-from medtune.config import DataConfig
+from medtune.config import CANONICAL_COLUMNS, DataConfig
 from medtune.ingest import REQUIRED, DataError, Ingested, ingest, quarantine_record
 
 log = logging.getLogger(__name__)
 ROW_ID = "_row"
-TEXT_COLUMNS = ("question", "answer", "context")
+# Personal data and control characters are looked for in every field a row keeps, not only the free text:
+# a `source` or `id` cell reaches the training data just the same. Other columns are dropped (and listed).
+SCANNED_COLUMNS = CANONICAL_COLUMNS
 # Rows the publisher shipped without answers are counted, but do not count against the kept fraction.
 NOT_ELIGIBLE_RULES = {"answer_removed_by_publisher"}
 SUITE_NAME = "medtune_qa"
@@ -63,7 +65,7 @@ def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED)) -> gx.
                              f"{column}.length_tokens"))
     if "context" in columns:
         exp.append(_rule(gxe.ExpectColumnValuesToBeOfType(column="context", type_="str"), "context.is_text"))
-    for column in (c for c in TEXT_COLUMNS if c in columns):
+    for column in (c for c in SCANNED_COLUMNS if c in columns):
         # NUL, ESC, BEL...: no tokenizer or terminal should get them; tab and newlines are text.
         exp.append(_rule(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=phi.CONTROL),
                          f"{column}.control_chars"))
@@ -76,7 +78,7 @@ def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED)) -> gx.
             continue
         # mask: a warning, so the row stays; the rows it flags are masked after the run.
         severity = "critical" if action == "block" else "warning"
-        for column in (c for c in TEXT_COLUMNS if c in columns):
+        for column in (c for c in SCANNED_COLUMNS if c in columns):
             exp.append(_rule(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=phi.PATTERNS[kind],
                                                                    severity=severity), f"{column}.phi_{kind}"))
     # Reported only: preprocessing resolves duplicates under a documented rule.
@@ -171,6 +173,8 @@ def validate(cfg: DataConfig, tokenizer=None) -> Validation:
     if not ingested.rows:
         raise DataError(_stop_message(cfg, ingested.read, 0, quarantine, "no rows left after decoding"))
     df = _frame(ingested.rows)
+    dropped = [c for c in df.columns if c not in CANONICAL_COLUMNS and not c.startswith("_")]
+    df = df.drop(columns=dropped)
     _add_token_counts(df, cfg, tokenizer)
     suite = build_suite(cfg, set(df.columns))
     suite_json = suite.to_json_dict()  # before GX attaches ids, so the saved suite is the code's
@@ -187,6 +191,7 @@ def validate(cfg: DataConfig, tokenizer=None) -> Validation:
     helpers = [c for c in df.columns if c == ROW_ID or c.endswith("_tokens") and c.startswith("_")]
     kept = df[~df[ROW_ID].isin(failed)].drop(columns=helpers).reset_index(drop=True)
     summary = _summary(cfg, ingested, kept, quarantine, df, result, masked)
+    summary["columns_dropped"] = [phi.redact(str(c), 60) for c in dropped]  # not in the data contract
     log.info("validation of %s: read %d, kept %d, quarantined %d %s", cfg.path, summary["rows_read"],
              summary["rows_kept"], summary["rows_quarantined"], summary["quarantined_by_rule"])
     validation = Validation(kept=kept, quarantine=quarantine, summary=summary, gx_result=result.to_json_dict(),
