@@ -144,14 +144,22 @@ def test_links_out_of_the_data_folder_are_refused_and_links_inside_reported(tmp_
     outside.write_bytes(jsonl(good_rows(1)))
     (data / "a.jsonl").write_bytes(jsonl(good_rows(2)))
     (data / "again.jsonl").symlink_to(data / "a.jsonl")
+    (data / ".git").mkdir()
+    (data / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     out = ingest(DataConfig(path=str(data)))
-    assert len(out.rows) == 2 and out.skipped == {str(data / "again.jsonl"): f"link to {data}/a.jsonl, read there"}
+    assert len(out.rows) == 2 and out.skipped == {str(data / "again.jsonl"): f"link to {data}/a.jsonl, read there",
+                                                  str(data / ".git"): "hidden"}
     (data / "leak.jsonl").symlink_to(outside)
     (data / "etc").symlink_to("/etc")
     with pytest.raises(DataError, match="2 file") as err:
         ingest(DataConfig(path=str(data)))
     assert f"leak.jsonl: link to {outside}, outside the data folder" in str(err.value)
     assert "etc: link to /etc, outside the data folder" in str(err.value)
+    xml = tmp_path / "medquad"
+    (xml / "1_CancerGov_QA").mkdir(parents=True)
+    (xml / "1_CancerGov_QA" / "a.xml").symlink_to(outside)
+    with pytest.raises(DataError, match=r"a\.xml: link to .*secret\.jsonl, outside the data folder"):
+        ingest(DataConfig(path=str(xml)))
 
 
 def test_tar_link_and_device_members_are_counted_and_refused(tmp_path):

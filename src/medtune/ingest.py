@@ -169,8 +169,10 @@ def _walk(root: Path, cfg: DataConfig, out: Ingested) -> Iterator[tuple[Path, st
             out.skipped[str(here)] = "output of medtune data validate"
             dirs.clear()
             continue
-        dirs.sort()
-        for name in sorted(files) + [d for d in dirs if (here / d).is_symlink()]:
+        hidden = sorted(n for n in files + dirs if n.startswith("."))  # .git, .cache: tools' bookkeeping
+        out.skipped.update((str(here / n), "hidden") for n in hidden)
+        dirs[:] = sorted(d for d in dirs if d not in hidden)
+        for name in sorted(n for n in files if n not in hidden) + [d for d in dirs if (here / d).is_symlink()]:
             path = here / name
             why = _refusal(path, root, cfg)
             if why == "":
@@ -633,5 +635,10 @@ def _medquad_documents(path: Path, cfg: DataConfig, out: Ingested) -> Iterator[t
                 else:
                     out.skipped[name] = "not a MedQuAD document (.xml)"
     if not archives:
+        root = path.resolve()
         for file in sorted(path.rglob("*.xml")):
+            if not file.resolve().is_relative_to(root):
+                raise DataError(f"{file}: link to {file.resolve()}, outside the data folder {root}")
+            if file.stat().st_size > cfg.max_file_bytes:
+                raise DataError(f"{file}: larger than data.max_file_bytes={cfg.max_file_bytes}")
             yield str(file), file.read_bytes()
