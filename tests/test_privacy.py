@@ -15,8 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT
-from medtune import config as config_mod
+from conftest import ROOT, open_sqlite_run
 from medtune import phi, steps
 from medtune.cli import app
 
@@ -87,12 +86,7 @@ def test_mlflow_run_artifacts_hold_no_planted_phi_unless_raw_logging_is_asked_fo
     data = crafted(tmp_path / "qa.jsonl")
     tree = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     tree["data"].update(path=str(data), min_kept_fraction=0.5, log_raw_quarantine=log_raw)
-    tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "privacy"}
-    cfg_json = config_mod.from_dict(tree).to_json()
-    mlflow.set_tracking_uri(tree["tracking"]["tracking_uri"])
-    # created up front so artifacts land in tmp_path, not in ./mlruns (the default next to a SQLite store)
-    mlflow.create_experiment("privacy", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = steps.open_run(cfg_json, "privacy-run")
+    cfg_json, run_id = open_sqlite_run(tree, tmp_path, "privacy")
     out = tmp_path / "out"
     summary = steps.validate_data(cfg_json, run_id, str(out / "data"), str(out / "quarantine.jsonl"),
                                   str(out / "validation.json"), str(out / "docs.html"))
