@@ -256,7 +256,7 @@ def _describe(rule: str, column: str, row: dict, cfg: DataConfig) -> str:
     if check == "allowed_values":
         return f"field '{column}' is {phi.redact(str(value), 60)!r}, not one of data.allowed_values.{column}"
     if check == "control_chars":
-        at = next(i for i, ch in enumerate(value) if re.match(phi.CONTROL, ch))
+        at = re.search(phi.CONTROL, value).start()
         return f"field '{column}' holds control character {phi.redact(value[at])} at character {at + 1}"
     if check.startswith("phi_"):
         kind = check.removeprefix("phi_")
