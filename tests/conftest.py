@@ -82,3 +82,19 @@ def tiny_config_tree(model_dir: Path, data_path: Path = SAMPLE) -> dict:
 @pytest.fixture
 def tiny_config(tiny_model_dir) -> config_mod.Config:
     return config_mod.from_dict(tiny_config_tree(tiny_model_dir))
+
+
+def open_sqlite_run(tree: dict, tmp_path: Path, experiment: str) -> tuple[str, str]:
+    """Point the config `tree` at a real SQLite MLflow store in tmp_path and open a parent run there.
+
+    Returns (config JSON, parent run id). The experiment is created up front so artifacts land in tmp_path,
+    not in ./mlruns (the default next to a SQLite store)."""
+    import mlflow
+
+    from medtune.steps import open_run
+
+    tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": experiment}
+    cfg_json = config_mod.from_dict(tree).to_json()
+    mlflow.set_tracking_uri(tree["tracking"]["tracking_uri"])
+    mlflow.create_experiment(experiment, artifact_location=(tmp_path / "artifacts").as_uri())
+    return cfg_json, open_run.run(cfg_json, f"{experiment}-run")

@@ -69,3 +69,41 @@ def test_set_overrides_apply_and_bad_keys_are_config_errors(tmp_path):
 def test_missing_path_is_reported(tmp_path):
     result = invoke(str(tmp_path / "nope.csv"))
     assert result.exit_code == 1 and "no such file or folder" in result.text
+
+
+def test_folder_output_lands_next_to_it_and_a_rerun_reads_the_same_rows(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qa.jsonl").write_bytes(SAMPLE.read_bytes())
+    first, second = invoke(str(data)), invoke(str(data))
+    assert first.exit_code == second.exit_code == 0, second.output
+    assert "rows read 320, kept 320" in first.text and "rows read 320, kept 320" in second.text
+    assert sorted(p.name for p in data.iterdir()) == ["qa.jsonl"]
+    assert (tmp_path / "medtune-validation" / "validation.json").exists()
+
+
+def test_output_inside_the_data_folder_is_refused_and_an_old_one_there_is_not_read(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qa.jsonl").write_bytes(SAMPLE.read_bytes())
+    inside = invoke(str(data), "--out", str(data / "report"))
+    assert inside.exit_code == 2 and "is inside the data folder" in inside.text and not (data / "report").exists()
+    old = data / "medtune-validation"  # what earlier versions wrote inside the folder
+    (old / "kept").mkdir(parents=True)
+    (old / "kept" / "rows.jsonl").write_bytes(SAMPLE.read_bytes())
+    (old / "quarantine.jsonl").write_text('{"file": "x", "line": 1, "rule": "not_json"}\n')
+    (old / "validation.json").write_text("{}")
+    result = invoke(str(data))
+    assert result.exit_code == 0 and "rows read 320, kept 320" in result.text
+    summary = json.loads((tmp_path / "medtune-validation" / "validation.json").read_text())["summary"]
+    assert summary["files_skipped"] == {str(old): "output of medtune data validate"}
+
+
+def test_truncated_archive_is_an_error_not_aborted(tmp_path):
+    import gzip
+
+    data = tmp_path / "qa.jsonl.gz"
+    data.write_bytes(gzip.compress(SAMPLE.read_bytes())[:5000])
+    result = invoke(str(data))
+    assert result.exit_code == 1 and "Aborted" not in result.output
+    assert f"{data}: cannot be read to the end" in result.text and "truncated" in result.text

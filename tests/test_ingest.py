@@ -139,7 +139,6 @@ def test_folder_reads_every_format_in_sorted_order(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.csv").write_text("question,answer\nWhat is gout?,Arthritis.\n")
     pd.DataFrame([GOOD]).to_parquet(tmp_path / "a.parquet")
-    (tmp_path / "notes.txt").write_text("ignored")
     out = ingest(DataConfig(path=str(tmp_path)))
     assert [Path(f).name for f in out.files] == ["a.parquet", "b.jsonl", "c.csv"]
     assert len(out.rows) == 3

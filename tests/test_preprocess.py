@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SAMPLE, tiny_config_tree
+from conftest import SAMPLE, open_sqlite_run, tiny_config_tree
 from medtune.config import PreprocessConfig
 from medtune.preprocess import (LeakageError, check_no_leakage, prepare, render_prompt, render_prompts, write_split,
                                 _canonical_frame, _deduplicate)
@@ -117,19 +117,13 @@ def test_leakage_check_fails_on_a_topic_in_two_splits():
 def test_steps_log_data_docs_quarantine_and_dataset_inputs(tmp_path, tiny_model_dir):
     import mlflow
 
-    from medtune import config as config_mod
-    from medtune.steps import open_run, preprocess, validate_data
+    from medtune.steps import preprocess, validate_data
 
     data = tmp_path / "in.jsonl"
     data.write_text(SAMPLE.read_text() + '{"question": "What is gout?", "answer"\n')
     tree = tiny_config_tree(tiny_model_dir, data)
-    tree["tracking"] = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "data-steps"}
     tree["preprocess"]["max_tokens"] = 512
-    cfg_json = config_mod.from_dict(tree).to_json()
-    # created up front so artifacts land in tmp_path, not in ./mlruns (the default next to a SQLite store)
-    mlflow.set_tracking_uri(tree["tracking"]["tracking_uri"])
-    mlflow.create_experiment("data-steps", artifact_location=(tmp_path / "artifacts").as_uri())
-    run_id = open_run.run(cfg_json, "test-run")
+    cfg_json, run_id = open_sqlite_run(tree, tmp_path, "data-steps")
     out = tmp_path / "out"
     summary = validate_data.run(cfg_json, run_id, str(out / "data"), str(out / "quarantine.jsonl"),
                                   str(out / "validation.json"), str(out / "docs.html"))

@@ -292,9 +292,11 @@ def data_validate(path: str = typer.Argument(..., help="File, folder, MedQuAD fo
 
     local = not path.startswith(HF_PREFIX)
     cfg = _load(config, [*set_, f"data.path={Path(path).expanduser().resolve() if local else path}"])
-    if out is None:
-        base = Path(cfg.data.path) if local else Path.cwd()
-        out = (base.parent if base.is_file() else base) / "medtune-validation"
+    base = Path(cfg.data.path) if local else Path.cwd()
+    if out is None:  # next to PATH, never inside it: a re-run would read its own output
+        out = (base.parent if local else base) / "medtune-validation"
+    if local and base.is_dir() and out.resolve().is_relative_to(base):
+        _fail(f"--out {out} is inside the data folder {base}; a later run would read it as data", code=2)
     try:
         result = validate_data.validate(cfg, str(out / "kept"), str(out / "quarantine.jsonl"),
                                         str(out / "validation.json"), str(out / "data_docs.html"))

@@ -45,7 +45,7 @@ class PhiConfig(Strict):
 
 class DataConfig(Strict):
     path: str = Field(description="File, folder, MedQuAD folder/archive, save_to_disk folder, or hf://owner/name.")
-    format: Literal["auto", "jsonl", "csv", "parquet", "medquad", "hf"] = "auto"
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "medquad", "hf"] = "auto"
     kind: Literal["free_text", "closed_form"] = Field(
         "free_text", description="free_text: scored by overlap (F1, ROUGE, BLEU); closed_form: yes/no/maybe or "
         "option letters, scored by accuracy and macro-F1 of the parsed answer.")
@@ -68,6 +68,13 @@ class DataConfig(Strict):
     max_bad_line_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="A file with more undecodable lines than this stops the run.")
     min_kept_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Stop the run when fewer rows survive.")
+    max_file_bytes: int = Field(1 << 30, ge=1, description="Largest file or archive member read (decompressed); "
+                                "a larger one stops the run instead of filling the disk or memory.")
+    max_archive_members: int = Field(100_000, ge=1, description="Most members a .tar/.zip may hold.")
+    max_row_bytes: int = Field(1 << 20, ge=1, description="Longest JSONL line or CSV field; a longer line is "
+                               "quarantined (row_too_large) unread, a longer CSV field stops the run.")
+    log_raw_quarantine: bool = Field(False, description="Also log the unmasked quarantine to MLflow; it holds "
+                                     "the personal data the masked one hides.")
 
     @model_validator(mode="after")
     def _bounds(self) -> DataConfig:

@@ -4,12 +4,19 @@ The suite is code (`build_suite`) and is saved with every run. Row-level expecta
 length bounds in characters and tokens, allowed categorical values, personal data) name the rows that
 fail them through GX's unexpected index list; those rows go to quarantine with the rule as the reason.
 Duplicate questions are reported here and resolved in preprocessing, where the rule is documented.
+
+Every value GX or a rule echoes (report, Data Docs, quarantine, messages) goes through `phi.redact`, and
+Data Docs HTML-escape it: a cell is data, never markup. The unmasked quarantine is written only to a
+restricted file (mode 0600) next to the masked one, for the data owner.
 """
 
 from __future__ import annotations
 
+import copy
+import html
 import json
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,13 +28,15 @@ import great_expectations.expectations as gxe
 import pandas as pd
 
 from medtune import phi
+from medtune.config import CANONICAL_COLUMNS, DataConfig
 from medtune.rows import FILENAME as ROWS_FILE
-from medtune.config import DataConfig
 from medtune.ingest import REQUIRED, DataError, Ingested, ingest, quarantine_record
 
 log = logging.getLogger(__name__)
 ROW_ID = "_row"
-TEXT_COLUMNS = ("question", "answer", "context")
+# Personal data and control characters are looked for in every field a row keeps, not only the free text:
+# a `source` or `id` cell reaches the training data just the same. Other columns are dropped (and listed).
+SCANNED_COLUMNS = CANONICAL_COLUMNS
 # Rows the publisher shipped without answers are counted, but do not count against the kept fraction.
 NOT_ELIGIBLE_RULES = {"answer_removed_by_publisher"}
 SUITE_NAME = "medtune_qa"
@@ -57,6 +66,10 @@ def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED)) -> gx.
                              f"{column}.length_tokens"))
     if "context" in columns:
         exp.append(_rule(gxe.ExpectColumnValuesToBeOfType(column="context", type_="str"), "context.is_text"))
+    for column in (c for c in SCANNED_COLUMNS if c in columns):
+        # NUL, ESC, BEL...: no tokenizer or terminal should get them; tab and newlines are text.
+        exp.append(_rule(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=phi.CONTROL),
+                         f"{column}.control_chars"))
     for column, values in sorted(cfg.allowed_values.items()):
         exp.append(_rule(gxe.ExpectColumnValuesToBeInSet(column=column, value_set=list(values)),
                          f"{column}.allowed_values"))
@@ -66,7 +79,7 @@ def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED)) -> gx.
             continue
         # mask: a warning, so the row stays; the rows it flags are masked after the run.
         severity = "critical" if action == "block" else "warning"
-        for column in (c for c in TEXT_COLUMNS if c in columns):
+        for column in (c for c in SCANNED_COLUMNS if c in columns):
             exp.append(_rule(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=phi.PATTERNS[kind],
                                                                    severity=severity), f"{column}.phi_{kind}"))
     # Reported only: preprocessing resolves duplicates under a documented rule.
@@ -149,21 +162,10 @@ def _failed_rows(result) -> dict[int, tuple[str, str]]:
     return failed
 
 
-def _scrub_phi(result) -> None:
-    """Personal data must not leak into Data Docs or the report: mask the values GX echoes back."""
+def _redact_results(result) -> None:
+    """Values GX echoes back (any rule: a row failing a length bound may hold an SSN too) are redacted."""
     for res in result.results:
-        if ".phi_" in (res.expectation_config.meta or {}).get("rule", ""):
-            res.result = _mask_tree(res.result)
-
-
-def _mask_tree(node):
-    if isinstance(node, str):
-        return phi.mask(node)
-    if isinstance(node, dict):
-        return {k: _mask_tree(v) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return [_mask_tree(v) for v in node]
-    return node
+        res.result = phi.redact_tree(res.result)
 
 
 def validate(cfg: DataConfig, tokenizer=None) -> Validation:
@@ -172,11 +174,13 @@ def validate(cfg: DataConfig, tokenizer=None) -> Validation:
     if not ingested.rows:
         raise DataError(_stop_message(cfg, ingested.read, 0, quarantine, "no rows left after decoding"))
     df = _frame(ingested.rows)
+    dropped = [c for c in df.columns if c not in CANONICAL_COLUMNS and not c.startswith("_")]
+    df = df.drop(columns=dropped)
     _add_token_counts(df, cfg, tokenizer)
     suite = build_suite(cfg, set(df.columns))
     suite_json = suite.to_json_dict()  # before GX attaches ids, so the saved suite is the code's
     result = run_suite(df, suite)
-    _scrub_phi(result)
+    _redact_results(result)
     masked = _mask_flagged(df, result)
 
     failed = _failed_rows(result)
@@ -188,6 +192,7 @@ def validate(cfg: DataConfig, tokenizer=None) -> Validation:
     helpers = [c for c in df.columns if c == ROW_ID or c.endswith("_tokens") and c.startswith("_")]
     kept = df[~df[ROW_ID].isin(failed)].drop(columns=helpers).reset_index(drop=True)
     summary = _summary(cfg, ingested, kept, quarantine, df, result, masked)
+    summary["columns_dropped"] = [phi.redact(str(c), 60) for c in dropped]  # not in the data contract
     log.info("validation of %s: read %d, kept %d, quarantined %d %s", cfg.path, summary["rows_read"],
              summary["rows_kept"], summary["rows_quarantined"], summary["quarantined_by_rule"])
     validation = Validation(kept=kept, quarantine=quarantine, summary=summary, gx_result=result.to_json_dict(),
@@ -212,6 +217,7 @@ def _summary(cfg, ingested: Ingested, kept, quarantine, df, result, masked) -> d
     eligible = ingested.read - sum(q["rule"] in NOT_ELIGIBLE_RULES for q in quarantine)
     summary = {
         "files": ingested.files,
+        "files_skipped": ingested.skipped,
         "rows_read": ingested.read,
         "rows_kept": len(kept),
         "rows_quarantined": len(quarantine),
@@ -249,7 +255,10 @@ def _describe(rule: str, column: str, row: dict, cfg: DataConfig) -> str:
     if check == "length_chars":
         return f"field '{column}' has {len(value)} characters (bounds data.min/max_{column}_chars)"
     if check == "allowed_values":
-        return f"field '{column}' is {value!r}, not one of data.allowed_values.{column}"
+        return f"field '{column}' is {phi.redact(str(value), 60)!r}, not one of data.allowed_values.{column}"
+    if check == "control_chars":
+        at = re.search(phi.CONTROL, value).start()
+        return f"field '{column}' holds control character {phi.redact(value[at])} at character {at + 1}"
     if check.startswith("phi_"):
         kind = check.removeprefix("phi_")
         return f"field '{column}' contains {kind} (data.phi.{kind}=block): {_excerpt(value, kind)}"
@@ -258,8 +267,9 @@ def _describe(rule: str, column: str, row: dict, cfg: DataConfig) -> str:
 
 def _excerpt(text: str, kind: str, width: int = 40) -> str:
     match = re.search(phi.PATTERNS[kind], text)
-    start = max(0, match.start() - width) if match else 0
-    return "..." + phi.mask(text[start:start + 2 * width + 20]) + "..."
+    # start at a word boundary so the excerpt never opens with the tail of another identifier
+    start = text.rfind(" ", 0, match.start() - width) + 1 if match and match.start() > width else 0
+    return "..." + phi.redact(text[start:], 2 * width + 20) + "..."
 
 
 def _stop_message(cfg: DataConfig, read: int, kept: int, quarantine: list[dict], why: str) -> str:
@@ -271,7 +281,7 @@ def _stop_message(cfg: DataConfig, read: int, kept: int, quarantine: list[dict],
         lines.append(f"  - {rule}: {count} rows, e.g. {where}: {example['detail']}")
         question = example["row"].get("question")
         if isinstance(question, str) and ".phi_" not in rule:
-            lines.append(f"      question: {phi.mask(question)[:100]!r}")
+            lines.append(f"      question: {phi.redact(question, 100)!r}")
     return "\n".join(lines)
 
 
@@ -280,10 +290,24 @@ def render_docs(result) -> str:
     from great_expectations.render.renderer import ValidationResultsPageRenderer
     from great_expectations.render.view import DefaultJinjaPageView
 
-    html = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(result))
+    # GX writes values into the page as they are: escape them so a cell cannot carry markup or script.
+    escaped = copy.deepcopy(result)
+    for res in escaped.results:
+        res.result = _escape_tree(res.result)
+    page = DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(escaped))
     css = (resources.files("great_expectations.render.view") / "static/styles/data_docs_default_styles.css")
     style = f"<style>{css.read_text()}</style>"
-    return re.sub(r'<link[^>]*data_docs_default_styles\.css[^>]*>', lambda _: style, html, count=1)
+    return re.sub(r'<link[^>]*data_docs_default_styles\.css[^>]*>', lambda _: style, page, count=1)
+
+
+def _escape_tree(node):
+    if isinstance(node, str):
+        return html.escape(node)
+    if isinstance(node, dict):
+        return {_escape_tree(k): _escape_tree(v) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_escape_tree(v) for v in node]
+    return node
 
 
 def write_outputs(result: Validation, data_dir: Path, quarantine_path: Path, report_path: Path,
@@ -300,9 +324,26 @@ def write_outputs(result: Validation, data_dir: Path, quarantine_path: Path, rep
         docs_path.write_text(result.docs_html)
 
 
+def raw_quarantine_path(path: Path) -> Path:
+    """Where the unmasked quarantine lies: next to the masked one, readable by its owner only."""
+    return path.with_name(f"{path.stem}.raw{path.suffix}")
+
+
 def write_quarantine(records: list[dict], path: Path) -> None:
+    """The masked quarantine at `path` (safe to log) and the raw one at `raw_quarantine_path` (mode 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
+    _write_jsonl(path, (redact_record(r) for r in records), 0o644)
+    _write_jsonl(raw_quarantine_path(path), records, 0o600)
+
+
+def redact_record(record: dict) -> dict:
+    return {**record, "detail": phi.redact(record["detail"], 500), "row": phi.redact_tree(record["row"])}
+
+
+def _write_jsonl(path: Path, records, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 

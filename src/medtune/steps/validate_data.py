@@ -66,22 +66,26 @@ def run(config_json: str, run_id: str, data_dir: str, quarantine_path: str, repo
             result = validate(cfg, data_dir, quarantine_path, report_path, docs_path)
         except validation.ValidationStopped as stop:
             # The run stops, but with its evidence: quarantine, report and Data Docs are logged too.
-            _log(stop.validation, quarantine_path, report_path, docs_path)
+            _log(stop.validation, quarantine_path, report_path, docs_path, cfg.data.log_raw_quarantine)
             raise
-        counts = _log(result, quarantine_path, report_path, docs_path)
+        counts = _log(result, quarantine_path, report_path, docs_path, cfg.data.log_raw_quarantine)
     tracking.log_parent_metrics(run_id, counts, "data.")
     return result.summary
 
 
-def _log(result, quarantine_path: str, report_path: str, docs_path: str | None) -> dict:
+def _log(result, quarantine_path: str, report_path: str, docs_path: str | None, log_raw_quarantine: bool) -> dict:
     import mlflow
+
+    from medtune import validate as validation
 
     counts = {k: result.summary[k] for k in ("rows_read", "rows_kept", "rows_quarantined", "kept_fraction")}
     mlflow.log_metrics(counts)
     mlflow.log_metrics({f"quarantined.{rule}": n for rule, n in result.summary["quarantined_by_rule"].items()})
     mlflow.log_dict(result.suite, "validation/expectation_suite.json")
     mlflow.log_artifact(report_path, "validation")
-    mlflow.log_artifact(quarantine_path, "validation")
+    mlflow.log_artifact(quarantine_path, "validation")  # masked; the raw one stays local unless asked for
+    if log_raw_quarantine:
+        mlflow.log_artifact(str(validation.raw_quarantine_path(Path(quarantine_path))), "validation")
     if docs_path:
         mlflow.log_text(result.docs_html, "validation/data_docs.html")
     return counts
