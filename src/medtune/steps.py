@@ -12,7 +12,9 @@ from pathlib import Path
 import mlflow
 
 from medtune import config as config_mod
-from medtune import tracking
+from medtune import quiet, tracking
+
+quiet.library_noise_off()  # steps run in their own processes: this is where their output starts
 
 
 def _cfg(config_json: str) -> config_mod.Config:
