@@ -45,6 +45,7 @@ class Step:
     detail: str = ""
     figures: dict = field(default_factory=dict)
     last_printed: float = 0.0
+    attempt: int = 1
 
     def elapsed(self, now: float) -> str:
         if self.started is None:
@@ -149,7 +150,7 @@ class RunView(io.TextIOBase):
             self._live.stop()
         else:
             for step in self.steps.values():
-                if step.status == "skipped" or (step.status == "failed" and exc[0] is not None):
+                if step.status == "skipped":
                     self._print(step)
         for handle in self._files.values():
             handle.close()
@@ -204,7 +205,10 @@ class RunView(io.TextIOBase):
 
     def _start(self, task: str) -> None:
         step = self.steps.setdefault(task, Step(task))
-        step.status, step.started, step.detail = "running", time.monotonic(), ""
+        # kfp retries a failed task under the same name (the step's retry policy)
+        step.attempt += step.status == "failed"
+        step.status, step.started, step.ended = "running", time.monotonic(), None
+        step.detail = f"retry {step.attempt - 1} after: {step.detail}" if step.attempt > 1 else ""
         self.current = task
         self._show(step)
 
