@@ -47,7 +47,8 @@ def _load(path: Path, overrides: list[str]) -> config_mod.Config:
 @app.command()
 def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = typer.Option(
         None, help="Where the run's artifacts go (default: runs/<run id>)."),
-        json_out: bool = typer.Option(False, "--json", help="Print one JSON summary as the last line.")):
+        json_out: bool = typer.Option(False, "--json", help="Print one JSON summary as the last line."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Stream every step's full output.")):
     """Run the whole DAG locally with kfp.local (SubprocessRunner) and print where its results are."""
     from medtune import local_run
 
@@ -55,17 +56,75 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
     run_name = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     output_dir = (output_dir or Path("runs") / run_name).resolve()
     try:
-        summary = local_run.run(cfg, output_dir, run_name, console)
+        summary = local_run.run(cfg, output_dir, run_name, console, verbose)
     except local_run.PipelineFailed as exc:
         _fail(str(exc), code=1)
     console.rule("medtune run finished")
-    for key in ("output_dir", "report", "adapter", "decision", "mlflow_run", "model_version", "hub"):
+    for key in ("output_dir", "report", "adapter", "decision", "logs", "mlflow_run", "model_version", "hub"):
         if summary.get(key) is not None:
             console.print(f"[bold]{key:>14}[/]: {summary[key]}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{'gate':>14}[/]: {'PASSED' if summary['gate']['passed'] else 'FAILED'} - "
                   f"{summary['gate']['summary']}", highlight=False)
+    if not cfg.tracking.tracking_uri:
+        console.print("the MLflow server of this run has stopped; `medtune ui` serves these links again",
+                      style="dim", highlight=False)
     if json_out:
         print(json.dumps(summary, default=str))
+
+
+@app.command()
+def ui(port: int = typer.Option(None, help="Port of a server this starts (default: the store's usual one).")):
+    """Start (or reuse) the local MLflow server on the store `medtune run` uses; print the experiment's URL."""
+    from medtune import local_run, runs, tracking
+
+    with tracking.local_server(local_run.MLFLOW_DIR, port=port) as uri:
+        experiments = tracking.experiments(uri)
+        for experiment_id, name in experiments:
+            print(f"{name}: {runs.experiment_url(uri, experiment_id)}")
+        if not experiments:
+            print(uri)
+        console.print("MLflow UI running; Ctrl-C stops it", highlight=False)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command("runs")
+def runs_(root: Path = typer.Option(Path("runs"), "--dir", help="Where `medtune run` wrote its runs.")):
+    """List local runs: date, profile, gate verdict, headline metrics, model version and alias."""
+    from rich.table import Table
+
+    from medtune import runs
+
+    found = runs.load(root)
+    if not found:
+        _fail(f"no runs under {root.resolve()}", code=1)
+    table = Table(box=None, header_style="bold")
+    rows = [runs.row(summary) for summary in found]
+    for column in rows[0]:
+        table.add_column(column, no_wrap=column != "metrics")
+    for row in rows:
+        table.add_row(*row.values())
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@app.command()
+def show(run: str = typer.Argument(..., help="Run folder, its name under runs/, or its MLflow run id."),
+         root: Path = typer.Option(Path("runs"), "--dir", help="Where `medtune run` wrote its runs.")):
+    """Print one local run's summary (opens nothing)."""
+    from medtune import runs
+
+    try:
+        path = runs.find(run, root)
+        summary = {**json.loads(path.read_text()), "name": path.parent.name}
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        _fail(str(exc))
+    lines = runs.describe(summary)
+    width = max(len(key) for key, _ in lines)
+    for key, value in lines:
+        console.print(f"[bold]{key:>{width}}[/]: {value}", highlight=False, soft_wrap=True)
 
 
 @app.command("compile")

@@ -7,11 +7,14 @@ import os
 import shutil
 import signal
 import sys
+import time
 import warnings
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from medtune import digests, lineage, models, tracking
+import mlflow
+
+from medtune import digests, lineage, models, runs, runview, tracking
 from medtune.config import Config
 
 MLFLOW_DIR = Path(".medtune/mlflow")
@@ -27,7 +30,9 @@ def compiled_pipeline_path() -> Path:
     return COMPILED
 
 
-def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
+def run(cfg: Config, output_dir: Path, run_name: str, console, verbose: bool = False) -> dict:
+    """Run the compiled DAG; the console shows one line per step (all of it with `verbose`), and each
+    step's full output goes to `output_dir/logs/<step>.log`."""
     from kfp import components, local
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -50,11 +55,20 @@ def run(cfg: Config, output_dir: Path, run_name: str, console) -> dict:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir / "artifacts"),
                    workspace_root=str(output_dir / "workspace"))
         pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
+        view = runview.RunView(output_dir / "logs", runview.dag_tasks(compiled_pipeline_path()), console,
+                               live=console.is_terminal, verbose=verbose)
         try:
-            task = pipeline(config=cfg.to_json(), requested_by=digests.requester())
+            with view, redirect_stdout(view), redirect_stderr(view):
+                task = pipeline(config=cfg.to_json(), requested_by=digests.requester())
         except RuntimeError as exc:
-            raise PipelineFailed(f"the pipeline failed: {exc} (task logs above; artifacts in {output_dir})") from None
+            step = view.failed()
+            if step is None:
+                raise PipelineFailed(f"the pipeline failed: {exc} (logs in {view.log_dir})") from None
+            raise PipelineFailed(f"step {step.name} failed: {step.detail or 'see its log'}\n"
+                                 f"log: {view.log_path(step.name)}") from None
         summary = summarise(task.outputs, output_dir, uri)
+        summary.update(profile=cfg.name, logs=str(view.log_dir),
+                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -79,7 +93,8 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         "report": outputs["report"].path,
         "adapter": outputs["adapter"].path,
         "decision": outputs["decision"].path,
-        "mlflow_run": f"{tracking_uri}/#/experiments/runs/{run_id}",
+        "mlflow_run": runs.run_url(tracking_uri, mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id,
+                                   run_id),
         "tracking_uri": tracking_uri,
         "gate": {"passed": decision["passed"], "summary": decision["summary"]},
         "metrics": {"base": comparison["base"], "candidate": comparison["candidate"]},
@@ -92,6 +107,7 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
     if registration:
         registered = json.loads(registration.read_text())
         summary["model_version"] = f"{registered['name']}/{registered['version']}"
+        summary["registration"] = registered
     push = next(tasks.glob("push/hub_push"), None)
     if push:
         summary["hub"] = json.loads(push.read_text())

@@ -71,18 +71,39 @@ def loss_plot(history: list[dict]) -> str:
     return _png(fig)
 
 
+def _finite_or_zero(value) -> float:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
+
+
 def metric_plot(comparison: dict, names: tuple[str, ...]) -> str:
+    """Left: each model's score. Right: candidate minus base / champion with the paired bootstrap CIs as
+    error bars, which is what the gate decides on."""
     present = [m for m in MODELS if comparison.get(m)]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, (ax, ax_delta) = plt.subplots(1, 2, figsize=(11, 3.4))
     width = 0.8 / max(len(present), 1)
     for k, model in enumerate(present):
-        values = [comparison[model].get(m) for m in names]
         ax.bar([x + (k - (len(present) - 1) / 2) * width for x in range(len(names))],
-               [v if isinstance(v, (int, float)) and math.isfinite(v) else 0 for v in values], width, label=model)
+               [_finite_or_zero(comparison[model].get(m)) for m in names], width, label=model)
     ax.set_xticks(list(range(len(names))), names)
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title(f"Test split, n={comparison['n']}")
+    pairs = [p for p in ("candidate_vs_base", "candidate_vs_champion") if (comparison.get("ci") or {}).get(p)]
+    width = 0.8 / max(len(pairs), 1)
+    for k, pair in enumerate(pairs):
+        intervals = [comparison["ci"][pair].get(m) or {} for m in names]
+        deltas = [_finite_or_zero(ci.get("delta")) for ci in intervals]
+        below = [max(d - _finite_or_zero(ci.get("low", d)), 0) for d, ci in zip(deltas, intervals)]
+        above = [max(_finite_or_zero(ci.get("high", d)) - d, 0) for d, ci in zip(deltas, intervals)]
+        ax_delta.bar([x + (k - (len(pairs) - 1) / 2) * width for x in range(len(names))], deltas, width,
+                     yerr=[below, above], capsize=4, label=pair.replace("_vs_", " - "))
+    ax_delta.axhline(0, color="black", linewidth=0.8)
+    ax_delta.set_xticks(list(range(len(names))), names)
+    if pairs:
+        ax_delta.legend()
+    confidence = (comparison.get("bootstrap") or {}).get("confidence", 0.95)
+    ax_delta.set_title(f"Differences with {confidence:.0%} bootstrap CIs")
+    fig.tight_layout()
     return _png(fig)
 
 
@@ -179,6 +200,10 @@ def render(comparison: dict, decision: dict, history: list[dict], predictions: p
     names = metrics.PRIMARY.get(kind, ())
     plot_names = tuple(m for m in (*names, "rouge1", "rouge2", "exact_match") if m in (comparison.get("base") or {})
                        and m != "bleu")
+    # A failed gate leads with why: the rules come before the headline numbers.
+    gate_first = (f"""<h2>Gate: {verdict}</h2><p id="gate-summary">{_esc(decision['summary'])}</p><p>{promote}.</p>"""
+                  f"<p>{champion}</p>{_table(checks, ['rule', 'value', 'bound', 'verdict', 'note'])}")
+    headline_section = f'<h2>Headline</h2><ul id="headline">{headline}</ul>'
     b_header, b_rows = breakdown(predictions, kind)
     gained, lost = swings(predictions, kind)
     score = PER_QUESTION.get(kind, ("rougeL",))[0]
@@ -186,9 +211,8 @@ def render(comparison: dict, decision: dict, history: list[dict], predictions: p
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:90%}}</style></head><body>
 <h1>{_esc(title)}</h1>
-<h2>Headline</h2><ul id="headline">{headline}</ul>
-<h2>Gate: {verdict}</h2><p id="gate-summary">{_esc(decision['summary'])}</p><p>{promote}.</p><p>{champion}</p>
-{_table(checks, ["rule", "value", "bound", "verdict", "note"])}
+{gate_first if not decision["passed"] else headline_section}
+{headline_section if not decision["passed"] else gate_first}
 <h2>Metrics (test split, n={comparison['n']} questions, {comparison.get('n_references', comparison['n'])} references)</h2>
 <p>{ci_note}</p>
 {_table(metric_rows(comparison), ["metric", "better", *MODELS, "candidate - base [CI]",

@@ -35,6 +35,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def usual_port(state_dir: Path) -> int:
+    """A port derived from the store's path (15000-24999): stable across runs and `medtune ui` for one store."""
+    import hashlib
+
+    return 15000 + int(hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest(), 16) % 10000
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def experiments(uri: str) -> list[tuple[str, str]]:
+    """(id, name) of the server's active experiments, newest first."""
+    found = mlflow.MlflowClient(uri).search_experiments(order_by=["creation_time DESC"])
+    return [(e.experiment_id, e.name) for e in found]
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     """Stop the server and its workers (its own process group); it may already be stopping."""
     try:
@@ -48,10 +70,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
+def local_server(state_dir: Path, timeout_s: float = 120, port: int | None = None) -> Iterator[str]:
     """A real MLflow server on loopback backed by SQLite in `state_dir`; reused if one already serves it.
 
-    Only a server this call started is stopped when it ends.
+    Only a server this call started is stopped when it ends. It listens on the store's usual port when that
+    is free, so the links a run printed work again on the server `medtune ui` starts later.
     """
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +84,9 @@ def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
         if healthy(uri):
             yield uri
             return
-    port = _free_port()
+    port = port or usual_port(state_dir)
+    if not _port_free(port):
+        port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     log = (state_dir / "server.log").open("ab")
     proc = subprocess.Popen(

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from medtune import models
+from medtune import models, runview
 from medtune.config import Config
 
 log = logging.getLogger(__name__)
@@ -371,6 +371,14 @@ class SigtermCheckpoint(TrainerCallback):
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class ProgressEvents(TrainerCallback):
+    """Step, loss and speed as they are logged, for the step line of `medtune run` (runview)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        figures = {k: logs[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in (logs or {})}
+        runview.emit(step=state.global_step, max_steps=state.max_steps, **figures)
+
+
 class EarlyStopping(TrainerCallback):
     """Stop after `patience` validations without a lower validation loss (no best-model reload needed)."""
 
@@ -431,6 +439,7 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
     trainer = build_trainer(cfg, train_rows, val_rows, checkpoint_dir)
     sigterm = SigtermCheckpoint()
     trainer.add_callback(sigterm)
+    trainer.add_callback(ProgressEvents())
     stopper = EarlyStopping(cfg.train.early_stopping_patience) if cfg.train.early_stopping_patience else None
     if stopper:
         trainer.add_callback(stopper)
