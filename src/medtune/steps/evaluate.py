@@ -8,6 +8,7 @@ from pathlib import Path
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from medtune import config as config_mod
+from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
 SPEC = StepSpec(name="evaluate", display_name="Evaluate candidate vs base vs champion", gpu=True, hub_token=True,
@@ -56,6 +57,10 @@ def run(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparis
                        else "none")
     for name in MODELS:
         tracking.log_parent_metrics(run_id, finite_values(comparison.get(name)), f"{name}.")
+    base, candidate = comparison.get("base") or {}, comparison.get("candidate") or {}
+    runview.emit(headline=", ".join(f"{m} {base[m]:.3f}->{candidate[m]:.3f}" for m in ("rougeL", "token_f1",
+                                                                                      "accuracy")
+                                    if isinstance(base.get(m), float) and isinstance(candidate.get(m), float)))
     return comparison
 
 

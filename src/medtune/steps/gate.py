@@ -9,6 +9,7 @@ from pathlib import Path
 from kfp.dsl import HTML, Artifact, Dataset, Input, Output
 
 from medtune import config as config_mod
+from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
 SPEC = StepSpec(name="gate", display_name="Promotion gate", timeout_s=900, records={"decision": "decision"})
@@ -51,6 +52,8 @@ def run(config_json: str, run_id: str, comparison_path: str, history_path: str, 
     client.set_tag(run_id, tags.GATE_SUMMARY, decision["summary"][:5000])
     client.log_artifact(run_id, report_path, "report")
     client.log_dict(run_id, decision, "gate/decision.json")
+    failing = next((c for c in decision.get("checks", []) if not c.get("passed")), None)
+    runview.emit(passed=decision["passed"], reason=failing["rule"] if failing else decision["summary"])
     return decision
 
 

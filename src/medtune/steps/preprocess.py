@@ -7,6 +7,7 @@ from kfp.dsl import Artifact, Dataset, Input, Output
 
 from medtune import config as config_mod
 from medtune.config import RetryPolicy
+from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
 SPEC = StepSpec(name="preprocess", display_name="Preprocess and split", hub_token=True, model_cache=True,
@@ -37,6 +38,7 @@ def run(config_json: str, run_id: str, data_dir: str, split_dirs: dict[str, str]
                         "preprocess/quarantine.jsonl")
         mlflow.log_metrics({f"{n}_rows": s["rows"] for n, s in prepared.summary["splits"].items()})
         mlflow.log_metrics({f"dropped.{rule}": n for rule, n in prepared.summary["dropped_by_rule"].items()})
+    runview.emit(splits={n: s["rows"] for n, s in prepared.summary["splits"].items()})
     return prepared.summary
 
 

@@ -7,6 +7,7 @@ from kfp.dsl import Artifact, Input, Model, Output
 
 from medtune import config as config_mod
 from medtune.config import RetryPolicy
+from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
 SPEC = StepSpec(name="register", display_name="Register model version", retry=RetryPolicy(retries=3),
@@ -24,6 +25,7 @@ def run(config_json: str, run_id: str, adapter_dir: str, decision_path: str, out
         result = registry.register(cfg, run_id, Path(adapter_dir), decision, Path(output_path).parent)
     Path(output_path).write_text(json.dumps(result, indent=2))
     mlflow.MlflowClient().set_tag(run_id, tags.MODEL_VERSION, f"{result['name']}/{result['version']}")
+    runview.emit(note=f"{result['name']} version {result['version']} ({', '.join(result.get('aliases') or [])})")
     return result
 
 

@@ -9,6 +9,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Output
 
 from medtune import config as config_mod
 from medtune.config import RetryPolicy
+from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
 SPEC = StepSpec(name="validate_data", display_name="Validate data", hub_token=True, data_pvc=True,
@@ -70,6 +71,7 @@ def run(config_json: str, run_id: str, data_dir: str, quarantine_path: str, repo
             raise
         counts = _log(result, quarantine_path, report_path, docs_path, cfg.data.log_raw_quarantine)
     tracking.log_parent_metrics(run_id, counts, "data.")
+    runview.emit(**{k: counts[k] for k in ("rows_read", "rows_kept", "rows_quarantined")})
     return result.summary
 
 
