@@ -50,7 +50,6 @@ FREE_TEXT_METRICS = ("exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rou
 CLOSED_FORM_METRICS = ("accuracy", "macro_f1", "unparseable_rate")
 QUALITY_METRICS = ("empty_rate", "repetition_rate", "length_ratio", "answer_words_mean", "answer_words_p10",
                    "answer_words_p50", "answer_words_p90", "reference_words_mean", "perplexity")
-METRICS = FREE_TEXT_METRICS  # kept for callers that only know free text
 ALL_METRICS = FREE_TEXT_METRICS + CLOSED_FORM_METRICS + QUALITY_METRICS
 PRIMARY = {"free_text": ("rougeL", "token_f1"), "closed_form": ("accuracy", "macro_f1")}
 # +1: higher is better, -1: lower is better; metrics absent here have no better direction (lengths).
@@ -332,12 +331,6 @@ def score_closed_form(predictions: Sequence[str], references: Sequence[Sequence[
     q_aggs, q_rows, extra = quality(predictions, references, ngram, threshold)
     rows = [{**r, **q} for r, q in zip(rows, q_rows)]
     return _finish({**aggregators, **q_aggs}, len(predictions), rows, extra)
-
-
-def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[dict[str, float], list[dict]]:
-    """Free-text metrics and the per-question scores behind them (the pre-bootstrap interface)."""
-    scored = score_free_text(predictions, references)
-    return scored.values, scored.rows
 
 
 # -------------------------------------------------------------------------------------------- bootstrap

@@ -45,6 +45,8 @@ def train(config: str, run_id: str, train_split: Input[Dataset], validation_spli
           adapter: Output[Model], history: Output[Artifact], metrics: Output[Metrics]):
     """Fine-tune with TRL's SFTTrainer (loss on the answer only).
 
+    A retry of the same run resumes from the last checkpoint when train.checkpoint_dir is set.
+
     Args:
         config: The resolved run-time config (JSON).
         run_id: The MLflow parent run id.
