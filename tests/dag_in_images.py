@@ -32,6 +32,10 @@ from medtune import local_run  # noqa: E402
 # lock (the image names images/constraints.txt, a checkout requirements.lock; the image check compares
 # the installed versions with it).
 SAME = ("base_model", "data", "splits", "metrics", "gate")
+# Artifact files that differ between any two runs, container or not: Great Expectations' result ids,
+# timings, the report's run ids, and peft's target_modules (a set, saved in hash-seed order).
+VOLATILE = {"validate_data/validation", "validate_data/data_docs", "train/history", "gate/report",
+            "train/adapter/adapter_config.json"}
 
 
 def compiled_images() -> set[str]:
@@ -58,8 +62,10 @@ def comparable(record: dict) -> dict:
     picked = {key: record[key] for key in SAME}
     picked["config"] = {k: v for k, v in record["config"]["resolved"].items() if k != "tracking"}
     # Where each output landed differs (two output directories); what is in it must not.
-    picked["artifacts"] = {key: a["files"] for key, a in record["artifacts"].items()
-                          if not key.startswith(("open_run", "register", "push"))}
+    picked["artifacts"] = {key: {name: digest for name, digest in a["files"].items()
+                                 if f"{key}/{name}" not in VOLATILE}
+                           for key, a in record["artifacts"].items()
+                           if key not in VOLATILE and not key.startswith(("open_run", "register", "push"))}
     picked["data"] = {k: v for k, v in record["data"].items() if k != "path"}
     return picked
 
