@@ -160,10 +160,11 @@ def test_renderer_agrees_with_kustomize(rendered):
     assert real == rendered
 
 
-# --- images/: no Docker daemon here, so the Dockerfiles are checked statically and build.sh by --dry-run.
+# --- images/: read here; scripts/test-images builds the CPU image with podman and runs the DAG in it.
 
 IMAGES = ROOT / "images"
-DOCKERFILES = {"cpu": IMAGES / "Dockerfile.cpu", "cuda": IMAGES / "Dockerfile.cuda"}
+DOCKERFILE = IMAGES / "Dockerfile"
+VARIANTS = {"cpu": ("python:3.12.12-slim-bookworm", "cpu"), "cuda": ("nvidia/cuda:13.0.2-base-ubuntu24.04", "cu130")}
 
 
 def _args(dockerfile: Path) -> dict[str, str]:
@@ -175,29 +176,35 @@ def _args(dockerfile: Path) -> dict[str, str]:
 def _pins(path: Path) -> dict[str, str]:
     import re
 
-    return {m[1].lower().replace("_", "-"): m[2]
+    return {m[1].lower().replace("_", "-").replace(".", "-"): m[2]
             for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", path.read_text(), re.M)}
 
 
-@pytest.mark.parametrize("variant", DOCKERFILES)
-def test_dockerfile_base_is_pinned_and_locked(variant):
+def _dry_run(*args: str) -> list[str]:
+    env = {"PATH": "/usr/bin:/bin", "REGISTRY": "registry.example/ml", "HOME": str(ROOT), "DOCKER": "docker"}
+    return subprocess.run(["bash", str(IMAGES / "build.sh"), "--dry-run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_builds_from_a_pinned_and_locked_base(variant):
     import re
 
-    text = DOCKERFILES[variant].read_text()
-    base = _args(DOCKERFILES[variant])["BASE_IMAGE"]
+    base, _ = VARIANTS[variant]
     assert re.search(r":\d+\.\d+\.\d+-", base), f"{base}: pin an exact release, not a floating tag"
-    assert re.findall(r"^FROM (.+)$", text, re.M) == ["${BASE_IMAGE}"]
+    assert re.findall(r"^FROM (.+)$", DOCKERFILE.read_text(), re.M) == ["${BASE_IMAGE}"]
     locked = dict(line.split() for line in (IMAGES / "bases.lock").read_text().splitlines()
                   if line.strip() and not line.startswith("#"))
-    assert base in locked
     assert locked[base] == "-" or re.fullmatch(r"sha256:[0-9a-f]{64}", locked[base])
+    build = next(line for line in _dry_run("--variant", variant) if " build " in line)
+    expected = base if locked[base] == "-" else f"{base}@{locked[base]}"
+    assert f"--build-arg BASE_IMAGE={expected} " in build and f"--build-arg VARIANT={variant} " in build
 
 
-@pytest.mark.parametrize("variant", DOCKERFILES)
-def test_dockerfile_runs_as_non_root_with_the_pipeline_paths(variant):
+def test_dockerfile_runs_as_non_root_with_the_pipeline_paths():
     import re
 
-    text = DOCKERFILES[variant].read_text()
+    text = DOCKERFILE.read_text()
     users = re.findall(r"^USER (.+)$", text, re.M)
     assert users == ["1000:1000"], "one numeric non-root USER, so runAsNonRoot can verify it"
     assert "useradd --uid 1000 --gid 1000" in text
@@ -208,21 +215,35 @@ def test_dockerfile_runs_as_non_root_with_the_pipeline_paths(variant):
     assert config_mod.load(PROFILE).model.cache_dir in text.split()  # /models exists for the PVC mount
 
 
-@pytest.mark.parametrize("variant,index", [("cpu", "https://download.pytorch.org/whl/cpu"),
-                                           ("cuda", "https://download.pytorch.org/whl/cu130")])
-def test_dockerfile_installs_torch_from_its_index_and_everything_under_constraints(variant, index):
+def test_every_package_installs_by_hash_at_the_constraints_version():
     import re
 
-    text = DOCKERFILES[variant].read_text()
-    args = _args(DOCKERFILES[variant])
-    assert args["TORCH_INDEX"] == index and index.endswith(args["TORCH_VARIANT"])
-    assert args["TORCH_VERSION"] == _pins(IMAGES / "constraints.txt")["torch"]
+    text = DOCKERFILE.read_text()
     installs = re.findall(r"pip install[^\n]*", text)
-    assert len(installs) == 2 and all("-c /etc/medtune/constraints.txt" in line for line in installs)
-    assert '"torch==${TORCH_VERSION}+${TORCH_VARIANT}"' in text
+    assert "--require-hashes" in installs[0] and "-r /tmp/torch-wheel/torch.txt" in text
+    assert '-r "/tmp/images/requirements-${VARIANT}.txt"' in text
+    assert "--no-deps --no-index" in installs[1]  # medtune itself: nothing fetched beyond the hashed list
     assert "COPY images/constraints.txt /etc/medtune/constraints.txt" in text
     assert "MEDTUNE_LOCK=/etc/medtune/constraints.txt" in text  # the lineage record hashes it
     assert f"ARG MEDTUNE_VERSION={_project_version()}" in text
+    pins = _pins(IMAGES / "constraints.txt")
+    for variant in VARIANTS:
+        listed = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+) \\\n((?:    --hash=sha256:[0-9a-f]{64}(?: \\)?\n)+)",
+                            (IMAGES / f"requirements-{variant}.txt").read_text(), re.M)
+        assert listed and all(pins[name] == version for name, version, _ in listed)
+        assert "torch" not in {name for name, _, _ in listed}  # from the variant's wheel, hashed by build.sh
+    cpu = {name for name, *_ in re.findall(r"^([A-Za-z0-9_.-]+)==", (IMAGES / "requirements-cpu.txt").read_text(), re.M)}
+    assert not {n for n in cpu if n.startswith(("nvidia-", "cuda-")) or n == "triton"}
+
+
+def test_torch_wheels_are_locked_by_sha256():
+    import re
+
+    lines = [line.split() for line in (IMAGES / "torch.lock").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    version = _pins(IMAGES / "constraints.txt")["torch"]
+    assert lines and all(re.fullmatch(rf"torch-{re.escape(version)}\+(cpu|cu130)-cp3\d+-.*\.whl", name)
+                         and re.fullmatch(r"sha256:[0-9a-f]{64}", digest) for name, digest in lines)
 
 
 def _project_version() -> str:
@@ -247,16 +268,45 @@ def test_constraints_pin_every_dependency_at_the_tested_versions():
 def test_build_script_tags_version_and_git_sha():
     import re
 
-    env = {"PATH": "/usr/bin:/bin", "REGISTRY": "registry.example/ml", "HOME": str(ROOT)}
-    out = subprocess.run(["bash", str(IMAGES / "build.sh"), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True).stdout
-    builds = [line for line in out.splitlines() if " build " in line]
+    builds = [line for line in _dry_run() if " build " in line]
     assert len(builds) == 2
     version = _project_version()
     for variant, line in zip(("cpu", "cuda"), builds):
-        assert f"--file images/Dockerfile.{variant}" in line
+        assert "--file images/Dockerfile " in line
         assert f"--tag registry.example/ml/medtune-{variant}:{version} " in line
         assert re.search(rf"--tag registry\.example/ml/medtune-{variant}:{version}-[0-9a-f]{{12}}(-dirty)? ", line)
         assert re.search(r"--build-arg GIT_SHA=[0-9a-f]{40} ", line)
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^images:.*\n\t.*images/build\.sh$", makefile, re.M)
+
+
+def test_pushed_digests_are_pinned_in_the_profile_compiled_dag_and_mlflow_manifest(tmp_path):
+    """What `images/build.sh --push` writes after a push (the digests here are made up: no registry)."""
+    from medtune import images
+    from medtune.pipeline import compile_pipeline
+
+    refs = {"cpu": "registry.example/ml/medtune-cpu:0.1.0@sha256:" + "a" * 64,
+            "cuda": "registry.example/ml/medtune-cuda:0.1.0@sha256:" + "b" * 64}
+    profile = shutil.copy(PROFILE, tmp_path / "profile.yaml")
+    mlflow_dir = shutil.copytree(MANIFESTS / "mlflow", tmp_path / "mlflow")
+    images.pin(refs, Path(profile), mlflow_dir / "kustomization.yaml")
+
+    cfg = config_mod.load(Path(profile))
+    assert (cfg.cluster.cpu_image, cfg.cluster.cuda_image) == (refs["cpu"], refs["cuda"])
+    assert "# The defaults fit manifests/" in Path(profile).read_text()  # comments kept
+    dag = next(yaml.safe_load_all(compile_pipeline(Path(profile), tmp_path / "medtune.yaml").read_text()))
+    used = {e["container"]["image"] for e in dag["deploymentSpec"]["executors"].values()}
+    assert used == set(refs.values())
+    deployment = next(o for o in render(mlflow_dir) if o["kind"] == "Deployment")
+    assert [c["image"] for c in _containers(deployment)] == [refs["cpu"]]
+    with pytest.raises(ValueError, match="pin by digest"):
+        images.pin({"cpu": "registry.example/ml/medtune-cpu:0.1.0"}, Path(profile), mlflow_dir / "kustomization.yaml")
+
+
+def test_base_images_in_manifests_follow_bases_lock():
+    locked = dict(line.split() for line in (IMAGES / "bases.lock").read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
+    job = yaml.safe_load((MANIFESTS / "runs" / "cache-init-job.yaml").read_text())
+    [image] = [c["image"] for c in _containers(job)]
+    tag = image.split("@")[0]
+    assert tag in locked and image == (tag if locked[tag] == "-" else f"{tag}@{locked[tag]}")

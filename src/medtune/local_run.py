@@ -30,9 +30,10 @@ def compiled_pipeline_path() -> Path:
     return COMPILED
 
 
-def run(cfg: Config, output_dir: Path, run_name: str, console, verbose: bool = False) -> dict:
+def run(cfg: Config, output_dir: Path, run_name: str, console, verbose: bool = False, runner=None) -> dict:
     """Run the compiled DAG; the console shows one line per step (all of it with `verbose`), and each
-    step's full output goes to `output_dir/logs/<step>.log`."""
+    step's full output goes to `output_dir/logs/<step>.log`. `runner`: kfp.local's runner, SubprocessRunner
+    in this virtualenv unless given (scripts/test-images passes a DockerRunner: every task in its image)."""
     from kfp import components, local
 
     signal.signal(signal.SIGTERM, _terminate)
@@ -52,7 +53,7 @@ def run(cfg: Config, output_dir: Path, run_name: str, console, verbose: bool = F
         # resources) don't apply on one machine: kfp warns about both once per task.
         warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message=r"Task '.*': settings \[", category=UserWarning)
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir / "artifacts"),
+        local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir / "artifacts"),
                    workspace_root=str(output_dir / "workspace"))
         pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
         view = runview.RunView(output_dir / "logs", runview.dag_tasks(compiled_pipeline_path()), console,
