@@ -44,6 +44,8 @@ def usual_port(state_dir: Path) -> int:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # as the server binds: a port a stopped server left in TIME_WAIT is free for the next one
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
