@@ -101,6 +101,8 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         fp16=autocast and precision == torch.float16,
         use_cpu=not on_gpu,
         padding_free=t.padding_free,
+        # Padded batches: rows of similar length together, so little padding is computed.
+        train_sampling_strategy="random" if t.padding_free else "group_by_length",
         packing=t.packing,
         packing_strategy="bfd",
         # Rows are already cut to the token budget by preprocess; padding-free without packing needs None here.
