@@ -69,7 +69,10 @@ def section(report: dict) -> str:
     ablations = [n for n in rows if n not in BASELINES]
     table += [_row(n, rows[n], medtune) for n in ablations]
     steps = {r["name"]: r["timed_steps"] for r in report["runs"]}
-    lines = [f"### {c['device'].upper()}", "", head, "", load, "", *table, "",
+    partial = [] if c["runs_done"] >= c["runs_planned"] else [
+        f"**Partial:** {c['runs_done']} of the {c['runs_planned']} planned runs finished (the benchmark was stopped "
+        "before the rest); rows with n=1 have no spread.", ""]
+    lines = [f"### {c['device'].upper()}", "", head, "", load, "", *partial, *table, "",
              "Timed steps per run: " + ", ".join(f"{n} {s}" for n, s in steps.items()) + ". Warm-up seconds are "
              "the untimed first steps (for torch.compile: the compile).", "", mfu]
     if ablations:

@@ -93,7 +93,7 @@ def test_results_md_is_generated_between_markers():
                "native_bf16": False, "cpu_bf16_flags": [], "torch": "t", "transformers": "x", "trl": "y",
                "peft": "p", "git": "abc", "model": "m", "args": {}, "load_avg_start": [3.0, 0, 0],
                "load_avg_during": throughput.spread([3.0, 5.0]), "load_avg_end": [4.0, 0, 0],
-               "tokens_per_step_probe": 690, "matmul_peak_gflops": throughput.spread([200.0, 220.0, 180.0])}
+               "tokens_per_step_probe": 690, "runs_done": 9, "runs_planned": 9, "matmul_peak_gflops": throughput.spread([200.0, 220.0, 180.0])}
     report = {"context": context, "rows": bench.summarize(runs, [200e9, 220e9, 180e9], None), "runs": runs,
               "ratio": 2.0}
     text = render.render([report], f"# Results\n\n{render.BEGIN}\nold figures\n{render.END}\n\n## Other\nkept\n")
