@@ -169,8 +169,9 @@ class TrainConfig(Strict):
                                  "lowest value so far.")
     export_merged: bool = Field(False, description="Also save the adapter folded into the base weights.")
     merge_tolerance: float = Field(1e-3, gt=0, description="Max |logit| difference merged vs base+adapter.")
-    peak_tflops: float | None = Field(None, gt=0, description="Device peak for MFU; None: a table (GPU) or a "
-                                                              "quick matmul probe (CPU).")
+    peak_tflops: float | None = Field(None, gt=0, description="Device peak for MFU; None: the dense bf16 table for "
+                                                              "GPUs (a GPU not in it: no MFU), a matmul probe at the "
+                                                              "model's shapes on CPU.")
     seed: int = 42
 
     @model_validator(mode="after")

@@ -12,6 +12,10 @@ Where the time goes on a CPU, and what this module does about it (see benchmarks
   labelled (answer) positions; on CUDA TRL's fused head already does that and is used as is.
 - gradient checkpointing: TRL turns it on by default (~30% more compute); it is off unless configured.
 
+Speed metrics (logged per step, and the run's figures): tokens_per_s is the non-padding tokens of the steps after
+the first (warm-up) one over those steps' time, a running total rather than a mean of interval rates; mfu is their
+useful FLOPs over the device peak from medtune.throughput, and absent where that peak is unknown.
+
 Faults stop the run with a `TrainingFault` that names the kind (nan_loss, lr_explosion, out_of_memory) and what to
 change. Checkpoints are written every `train.checkpoint_steps` and on SIGTERM; a restarted step resumes from the
 last complete one (step counter, optimizer, scheduler, RNG and data order).
