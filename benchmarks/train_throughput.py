@@ -56,7 +56,9 @@ BASELINES = ("medtune", "trl-fair", "trl-defaults")
 
 def variants(device: str, native_bf16: bool, profile_train) -> dict[str, dict]:
     """name -> {what, runner (medtune|trl), train (train.* overrides), args (SFTConfig attributes)}."""
-    layout = ("padding-free", {"padding_free": True}) if not profile_train.padding_free else \
+    from medtune.train import padding_free
+
+    layout = ("padding-free", {"padding_free": True}) if not padding_free(profile_train) else \
         ("padded+grouped", {"padding_free": False})
     dropout = 0.05 if profile_train.lora.dropout == 0 else 0.0
     rows = {

@@ -319,3 +319,31 @@ def test_checkpoint_key_is_stable_per_run_and_config(tiny_model_dir):
     assert trainer_mod.checkpoint_key(cfg, "r1") != trainer_mod.checkpoint_key(cfg, "r2")
     other = _cfg(tiny_model_dir, learning_rate=1e-4)
     assert trainer_mod.checkpoint_key(cfg, "r1") != trainer_mod.checkpoint_key(other, "r1")
+
+
+@pytest.mark.parametrize("setting, dtype, packing, expected", [
+    ("auto", "float32", False, True),     # float32: the Linears dominate, padding is waste
+    ("auto", "bfloat16", False, False),   # bf16: attention over one long row costs more than the padding
+    ("auto", "bfloat16", True, True),     # packing is padding-free by construction
+    (False, "float32", False, False), (True, "bfloat16", False, True)])
+def test_padding_free_auto_follows_the_compute_dtype(tiny_model_dir, setting, dtype, packing, expected):
+    cfg = _cfg(tiny_model_dir, padding_free=setting, dtype=dtype, packing=packing)
+    assert trainer_mod.padding_free(cfg.train) is expected
+
+
+def test_padded_batches_are_length_grouped(tiny_model_dir, splits, tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    cfg = _cfg(tiny_model_dir, padding_free=False)
+    trainer = trainer_mod.build_trainer(cfg, splits["train"], splits["train"].head(0), tmp_path)
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == cfg.train.batch_size and "attention_mask" in batch
+    free = trainer_mod.build_trainer(_cfg(tiny_model_dir), splits["train"], splits["train"].head(0), tmp_path / "f")
+    assert not isinstance(free._get_train_sampler(), LengthGroupedSampler)
+
+
+def test_packing_with_padded_batches_is_rejected(tiny_model_dir):
+    with pytest.raises(ValueError, match="padding_free"):
+        _cfg(tiny_model_dir, padding_free=False, packing=True)
+    assert _cfg(tiny_model_dir, padding_free="auto", packing=True).train.packing

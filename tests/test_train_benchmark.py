@@ -13,6 +13,7 @@ import yaml
 
 from medtune import config as config_mod
 from medtune import throughput
+from medtune import train as trainer_mod
 from conftest import ROOT, tiny_config_tree
 
 
@@ -34,8 +35,9 @@ def test_rows_follow_the_device_and_the_profile():
     assert cpu["trl-fair"]["args"] == {"bf16": False} and "args" not in cpu["trl-defaults"]
     assert "medtune+trl_head" in cpu and not any("liger" in n or "qlora" in n for n in cpu)
     # the layout and dropout rows switch whatever the profile chose
-    layout = "medtune+padding-free" if not train.padding_free else "medtune+padded+grouped"
-    assert cpu[layout]["train"] == {"padding_free": not train.padding_free}
+    chosen = trainer_mod.padding_free(train)
+    layout = "medtune+padding-free" if not chosen else "medtune+padded+grouped"
+    assert cpu[layout]["train"] == {"padding_free": not chosen}
     dropout = next(n for n in cpu if n.startswith("medtune+dropout"))
     assert (cpu[dropout]["train"]["lora"]["dropout"] == 0) != (train.lora.dropout == 0)
     cuda = bench.variants("cuda", native_bf16=True, profile_train=train)

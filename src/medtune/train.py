@@ -104,13 +104,13 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         bf16=autocast and precision == torch.bfloat16,
         fp16=autocast and precision == torch.float16,
         use_cpu=not on_gpu,
-        padding_free=t.padding_free,
+        padding_free=padding_free(t),
         # Padded batches: rows of similar length together, so little padding is computed.
-        train_sampling_strategy="random" if t.padding_free else "group_by_length",
+        train_sampling_strategy="random" if padding_free(t) else "group_by_length",
         packing=t.packing,
         packing_strategy="bfd",
         # Rows are already cut to the token budget by preprocess; padding-free without packing needs None here.
-        max_length=cfg.preprocess.max_tokens if t.packing or not t.padding_free else None,
+        max_length=cfg.preprocess.max_tokens if t.packing or not padding_free(t) else None,
         completion_only_loss=t.completion_only_loss,
         logging_steps=t.logging_steps,
         eval_strategy=eval_strategy,
@@ -124,6 +124,15 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+
+
+def padding_free(t) -> bool:
+    """train.padding_free resolved. auto: padded (length-grouped) batches where the matmuls run in bf16, where the
+    Linears are fast enough that attention over one long concatenated row (quadratic in the batch's tokens) costs
+    more than the padding; padding-free in float32, where the Linears dominate and padding is pure waste."""
+    if t.padding_free != "auto":
+        return t.padding_free
+    return t.packing or models.compute_dtype(t) != torch.bfloat16
 
 
 def checkpoint_key(cfg: Config, run_id: str) -> str:
