@@ -210,10 +210,16 @@ class MedtuneTrainer(SFTTrainer):
             and m is not _causal_lm(self.model).get_output_embeddings())
         self.flops_per_token = 4 * body + 2 * trainable_body
         self.flops_per_labelled = (6 if trainable else 4) * head
-        # The matmul rate saturates at a few hundred rows, so the CPU probe caps its rows at 512 to stay quick.
-        rows = min(medtune_cfg.train.batch_size * medtune_cfg.preprocess.max_tokens, 512)
-        self.peak = throughput.device_peak(self.model, models.compute_dtype(medtune_cfg.train), rows,
-                                           medtune_cfg.train.peak_tflops)
+        self._peak: float | None | bool = False  # measured on first use, outside the timed steps
+
+    @property
+    def peak(self) -> float | None:
+        if self._peak is False:
+            # The matmul rate saturates at a few hundred rows, so the CPU probe caps its rows at 512 to stay quick.
+            t = self.medtune_cfg.train
+            rows = min(t.batch_size * self.medtune_cfg.preprocess.max_tokens, 512)
+            self._peak = throughput.device_peak(self.model, models.compute_dtype(t), rows, t.peak_tflops)
+        return self._peak
 
     # -- loss ---------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
