@@ -150,9 +150,10 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
     gradient_checkpointing: bool = Field(False, description="Saves activation memory at ~30% more compute.")
-    padding_free: bool = Field(True, description="Concatenate each batch into one row (no pad tokens computed); "
-                                                 "faster in float32, ~12% slower than padded in CPU bf16 "
-                                                 "(benchmarks/RESULTS.md).")
+    padding_free: bool | Literal["auto"] = Field(
+        True, description="Concatenate each batch into one row (no pad tokens computed); false: padded batches of "
+                          "similar lengths; auto: padding-free in float32, padded in bf16 (which is faster depends "
+                          "on the dtype: benchmarks/train_throughput.py --ablations measures it).")
     packing: bool = Field(False, description="TRL best-fit packing into preprocess.max_tokens rows; batch_size "
                                              "then counts packed rows.")
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only (prompt masked).")
@@ -169,15 +170,16 @@ class TrainConfig(Strict):
                                  "lowest value so far.")
     export_merged: bool = Field(False, description="Also save the adapter folded into the base weights.")
     merge_tolerance: float = Field(1e-3, gt=0, description="Max |logit| difference merged vs base+adapter.")
-    peak_tflops: float | None = Field(None, gt=0, description="Device peak for MFU; None: a table (GPU) or a "
-                                                              "quick matmul probe (CPU).")
+    peak_tflops: float | None = Field(None, gt=0, description="Device peak for MFU; None: the dense bf16 table for "
+                                                              "GPUs (a GPU not in it: no MFU), a matmul probe at the "
+                                                              "model's shapes on CPU.")
     seed: int = 42
 
     @model_validator(mode="after")
     def _method_fields(self) -> TrainConfig:
         if self.freeze_layers and self.method != "full":
             raise ValueError("train.freeze_layers applies to method=full only")
-        if self.packing and not self.padding_free:
+        if self.packing and self.padding_free is False:
             raise ValueError("train.packing needs train.padding_free=true (TRL packs into padding-free rows)")
         return self
 

@@ -12,6 +12,10 @@ Where the time goes on a CPU, and what this module does about it (see benchmarks
   labelled (answer) positions; on CUDA TRL's fused head already does that and is used as is.
 - gradient checkpointing: TRL turns it on by default (~30% more compute); it is off unless configured.
 
+Speed metrics (logged per step, and the run's figures): tokens_per_s is the non-padding tokens of the steps after
+the first (warm-up) one over those steps' time, a running total rather than a mean of interval rates; mfu is their
+useful FLOPs over the device peak from medtune.throughput, and absent where that peak is unknown.
+
 Faults stop the run with a `TrainingFault` that names the kind (nan_loss, lr_explosion, out_of_memory) and what to
 change. Checkpoints are written every `train.checkpoint_steps` and on SIGTERM; a restarted step resumes from the
 last complete one (step counter, optimizer, scheduler, RNG and data order).
@@ -26,7 +30,6 @@ import math
 import resource
 import shutil
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +39,11 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from medtune import models, runview
+from medtune import models, runview, throughput
 from medtune.config import Config
 
 log = logging.getLogger(__name__)
 HEAD_CHUNK = 2048  # labelled tokens per LM-head chunk: bounds the (tokens x vocab) logits held for backward
-GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
-                   "V100": 125.0, "T4": 65.0}  # dense bf16/fp16 tensor-core peaks
 
 
 @dataclass
@@ -103,11 +104,13 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         bf16=autocast and precision == torch.bfloat16,
         fp16=autocast and precision == torch.float16,
         use_cpu=not on_gpu,
-        padding_free=t.padding_free,
+        padding_free=padding_free(t),
+        # Padded batches: rows of similar length together, so little padding is computed.
+        train_sampling_strategy="random" if padding_free(t) else "group_by_length",
         packing=t.packing,
         packing_strategy="bfd",
         # Rows are already cut to the token budget by preprocess; padding-free without packing needs None here.
-        max_length=cfg.preprocess.max_tokens if t.packing or not t.padding_free else None,
+        max_length=cfg.preprocess.max_tokens if t.packing or not padding_free(t) else None,
         completion_only_loss=t.completion_only_loss,
         logging_steps=t.logging_steps,
         eval_strategy=eval_strategy,
@@ -121,6 +124,15 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+
+
+def padding_free(t) -> bool:
+    """train.padding_free resolved. auto: padded (length-grouped) batches where the matmuls run in bf16, where the
+    Linears are fast enough that attention over one long concatenated row (quadratic in the batch's tokens) costs
+    more than the padding; padding-free in float32, where the Linears dominate and padding is pure waste."""
+    if t.padding_free != "auto":
+        return t.padding_free
+    return t.packing or models.compute_dtype(t) != torch.bfloat16
 
 
 def checkpoint_key(cfg: Config, run_id: str) -> str:
@@ -163,35 +175,7 @@ def _decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def _causal_lm(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def matmul_params(model) -> tuple[int, int]:
-    """(body, head) weights that take part in matmuls, counted from shapes (4-bit layers store half the numel)."""
-    causal_lm = _causal_lm(model)
-    head = causal_lm.get_output_embeddings()
-    body = sum(m.in_features * m.out_features for name, m in causal_lm.named_modules()
-               if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name)
-    return body, head.weight.shape[0] * head.weight.shape[1]
-
-
-def peak_flops(cfg: Config) -> float:
-    """Peak FLOP/s of this device, for MFU: configured, a table for GPUs, a quick matmul probe on CPU."""
-    if cfg.train.peak_tflops:
-        return cfg.train.peak_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), 100.0) * 1e12
-    dtype = models.compute_dtype(cfg.train)
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1024**3 / best
+_causal_lm = throughput.causal_lm
 
 
 def peak_memory_mb() -> float:
@@ -212,10 +196,11 @@ class MedtuneTrainer(SFTTrainer):
         # TRL's fused head scores only labelled positions where Triton runs (CUDA); elsewhere it scores every one.
         self.fused_head = torch.cuda.is_available() and _triton_available()
         self.tokens_seen = 0      # non-padding tokens through the model
-        self.labelled_seen = 0    # tokens the loss is computed on
         self.best_loss = math.inf
         self.smoothed_loss: float | None = None
-        body, head = matmul_params(self.model)
+        self.clock = throughput.StepClock(warmup=1)  # the first step (allocation, kernel selection) is not timed
+        self.add_callback(self.clock)
+        body, head = throughput.matmul_params(self.model)
         trainable = any(p.requires_grad for p in _causal_lm(self.model).get_output_embeddings().parameters())
         # Forward 2 FLOPs/weight; backward 2 for the input gradient plus 2 for trainable weights (LoRA: ~none).
         frozen_base = medtune_cfg.train.method != "full"
@@ -225,8 +210,16 @@ class MedtuneTrainer(SFTTrainer):
             and m is not _causal_lm(self.model).get_output_embeddings())
         self.flops_per_token = 4 * body + 2 * trainable_body
         self.flops_per_labelled = (6 if trainable else 4) * head
-        self.peak = peak_flops(medtune_cfg)
-        self._mark = (time.perf_counter(), 0, 0)
+        self._peak: float | None | bool = False  # measured on first use, outside the timed steps
+
+    @property
+    def peak(self) -> float | None:
+        if self._peak is False:
+            # The matmul rate saturates at a few hundred rows, so the CPU probe caps its rows at 512 to stay quick.
+            t = self.medtune_cfg.train
+            rows = min(t.batch_size * self.medtune_cfg.preprocess.max_tokens, 512)
+            self._peak = throughput.device_peak(self.model, models.compute_dtype(t), rows, t.peak_tflops)
+        return self._peak
 
     # -- loss ---------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -243,8 +236,9 @@ class MedtuneTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes
         if model.training:
             mask = inputs.get("attention_mask")
-            self.tokens_seen += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
-            self.labelled_seen += int(n)
+            tokens = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self.tokens_seen += tokens
+            self.clock.add(tokens, int(n))
             self._check(float(nll.detach()) / max(int(n), 1))
         return loss
 
@@ -283,15 +277,8 @@ class MedtuneTrainer(SFTTrainer):
 
     # -- metrics ------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log: add the cost of the steps since the last one
-            now = time.perf_counter()
-            then, tokens, labelled = self._mark
-            elapsed = max(now - then, 1e-9)
-            d_tokens, d_labelled = self.tokens_seen - tokens, self.labelled_seen - labelled
-            flops = d_tokens * self.flops_per_token + d_labelled * self.flops_per_labelled
-            logs.update(tokens_per_s=d_tokens / elapsed, peak_memory_mb=peak_memory_mb(),
-                        mfu=flops / elapsed / self.peak, tokens=float(self.tokens_seen))
-            self._mark = (now, self.tokens_seen, self.labelled_seen)
+        if "loss" in logs:  # a training log: the cost so far, over the timed steps (after the warm-up)
+            logs.update(peak_memory_mb=peak_memory_mb(), tokens=float(self.tokens_seen), **self.speed())
             grad_norm = logs.get("grad_norm")
             if grad_norm is not None and not math.isfinite(grad_norm):
                 t = self.medtune_cfg.train
@@ -299,6 +286,15 @@ class MedtuneTrainer(SFTTrainer):
                                     f"{self.state.global_step}. Lower train.learning_rate (now {t.learning_rate:g}) "
                                     "and train in float32 or bfloat16 rather than float16.")
         super().log(logs, start_time)
+
+    def speed(self) -> dict[str, float]:
+        """tokens_per_s (total timed tokens / total timed seconds) and mfu, once a timed step has finished; mfu
+        only where the device peak is known (configured, a listed GPU) or measured (CPU)."""
+        rate = self.clock.tokens_per_s
+        if rate is None:
+            return {}
+        flops = self.clock.flops_per_s(self.flops_per_token, self.flops_per_labelled)
+        return {"tokens_per_s": rate, **({"mfu": flops / self.peak} if self.peak else {})}
 
 
 def _triton_available() -> bool:
@@ -455,7 +451,6 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
     if not losses or not all(math.isfinite(x) for x in losses):
         raise TrainingFault("nan_loss", f"training loss is not finite: {losses[-5:]}; lower train.learning_rate")
     eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
-    speeds = [h["tokens_per_s"] for h in history if "tokens_per_s" in h]
     metrics = {
         "train_loss": float(result.training_loss),
         "first_logged_loss": float(losses[0]),
@@ -463,9 +458,8 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
         "steps": int(trainer.state.global_step),
         "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
         "trainable_params": int(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
-        "tokens_per_s": float(sum(speeds) / len(speeds)) if speeds else 0.0,
         "peak_memory_mb": float(peak_memory_mb()),
-        "mfu": float(sum(h["mfu"] for h in history if "mfu" in h) / max(len(speeds), 1)),
+        **trainer.speed(),  # absent for a one-step run (nothing timed after the warm-up) and mfu on unknown GPUs
         "resumed_from_step": int(resume.name.removeprefix("checkpoint-")) if resume else 0,
     }
     if eval_losses:
