@@ -156,7 +156,8 @@ def test_cli_scores_a_closed_form_dataset_and_reports_unparseable_answers(tiny_m
         "evaluate", "--data", str(data), "--adapter", str(adapters[0]), "--json", "--out", str(out),
         "--set", f"model.id={tiny_model_dir}", "--set", "model.source=path", "--set", "data.kind=closed_form",
         "--set", "data.columns={q: question, label: answer, kind_of_question: qtype}",
-        "--set", "eval.max_new_tokens=4", "--set", "eval.bootstrap_samples=200"])
+        "--set", "eval.max_new_tokens=4", "--set", "eval.bootstrap_samples=200", "--set", "eval.suites=[]",
+        "--set", "eval.closed_form=generate"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     comp = summary["comparison"]
@@ -176,6 +177,17 @@ def test_cli_scores_a_closed_form_dataset_and_reports_unparseable_answers(tiny_m
     assert summary["gate"]["passed"] is False and "missing or not a number" in summary["gate"]["summary"]
     assert (out / "report.html").exists() and (out / "decision.json").exists()
 
+    # by likelihood (the default), every answer is one of yes/no/maybe: nothing is unparseable
+    result = CliRunner().invoke(app, [
+        "evaluate", "--data", str(data), "--adapter", str(adapters[0]), "--json",
+        "--set", f"model.id={tiny_model_dir}", "--set", "model.source=path", "--set", "data.kind=closed_form",
+        "--set", "data.columns={q: question, label: answer, kind_of_question: qtype}",
+        "--set", "eval.bootstrap_samples=200", "--set", "eval.suites=[]"])
+    assert result.exit_code == 0, result.output
+    comp = json.loads(result.stdout.strip().splitlines()[-1])["comparison"]
+    assert comp["scoring"] == "likelihood" and "unparseable_rate" not in comp["candidate"]
+    assert 0.0 <= comp["candidate"]["accuracy"] <= 1.0 and "accuracy_norm" in comp["candidate"]
+
 
 def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapters, test_rows, three_models,
                                                           tmp_path):
@@ -183,7 +195,7 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
     and challenger/champion aliases that move only when the policy promotes."""
     import mlflow
 
-    from medtune import tracking
+    from medtune import registry, tracking
     from medtune.steps import evaluate as evaluate_step
     from medtune.steps import gate as gate_step
     from medtune.steps import open_run, register
@@ -225,10 +237,19 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
         assert rejected["passed"] is False and rejected["promote"] is False   # recorded, not raised
         assert client.get_run(run_id).data.tags["medtune.gate"] == "failed"
 
+        with pytest.raises(registry.GateNotPassed, match="did not pass"):   # whatever calls it
+            register.run(cfg_json(True), run_id, str(adapters[0]), str(tmp_path / "d0.json"),
+                         str(tmp_path / "r0.json"))
+
         decision = gate_step.run(cfg_json(False), run_id, *outputs, str(tmp_path / "d1.json"),
                               str(tmp_path / "r1.html"))
-        assert decision["passed"] is True and decision["promote"] is False
+        # 6 questions are under gate.min_questions, and the policy has no check against base: both fail
+        assert decision["passed"] is False
+        assert "questions scored >= 30" in decision["summary"] and "against the base model" in decision["summary"]
         assert f"champion: {name} version {first['version']}" in (tmp_path / "r1.html").read_text()
+        # The alias moves below follow from a passing decision; a stand-in one, as for the seed champion.
+        decision = {**decision, "passed": True, "promote": False, "summary": "stand-in passing decision"}
+        (tmp_path / "d1.json").write_text(json.dumps(decision))
         second = register.run(cfg_json(False), run_id, str(adapters[0]), str(tmp_path / "d1.json"),
                                 str(tmp_path / "r2.json"))
         assert second["aliases"] == ["challenger"] and second["promoted"] is False

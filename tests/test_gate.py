@@ -8,7 +8,13 @@ import pytest
 
 from medtune import config as config_mod
 from medtune.config import GateConfig
-from medtune.gate import decide
+from medtune.gate import PolicyMismatch, check_policy, decide
+
+
+def policy(gate: dict, suites: list[dict] = (), **eval_fields) -> config_mod.Config:
+    """A whole config around a gate section (the policy also reads eval.suites and eval settings)."""
+    return config_mod.from_dict({"name": "t", "data": {"path": "x.jsonl"}, "model": {"id": "m"}, "gate": gate,
+                                 "eval": {"suites": list(suites), **eval_fields}})
 
 
 def ci(delta, low, high):
@@ -34,7 +40,7 @@ def comparison(candidate=None, base=None, champion=None, cis=None):
     }
 
 
-POLICY = GateConfig.model_validate({"rules": [
+POLICY = policy({"rules": [
     {"metric": "rougeL", "min": 0.25, "min_improvement": 0.05, "significant": True, "max_regression": 0.02},
     {"metric": "token_f1", "min": 0.25, "min_improvement": 0.05, "significant": True},
     {"metric": "empty_rate", "max": 0.05},
@@ -49,7 +55,8 @@ def check(decision, metric, kind):
 def test_passes_and_lists_every_rule_with_value_bound_and_verdict():
     d = decide(POLICY, comparison(champion=CHAMPION))
     assert d["passed"] is True and d["promote"] is True
-    assert len(d["checks"]) == 11  # 4 + 3 + 1 + 3 bounds across the four rules
+    assert len(d["checks"]) == 12  # questions scored >= 30, then 4 + 3 + 1 + 3 bounds across the four rules
+    assert check(d, "n", "min_questions")["value"] == 34
     assert all(c["verdict"] == "PASS" for c in d["checks"])
     assert check(d, "rougeL", "min_improvement")["value"] == pytest.approx(0.10)
     assert check(d, "rougeL", "max_regression")["value"] == pytest.approx(-0.01)  # champion 0.29 -> 0.30
@@ -57,8 +64,8 @@ def test_passes_and_lists_every_rule_with_value_bound_and_verdict():
     assert check(d, "perplexity", "min_improvement")["value"] == pytest.approx(3.0)
     assert check(d, "perplexity", "significant")["value"] == pytest.approx(2.0)
     assert check(d, "empty_rate", "max")["bound"] == 0.05 and check(d, "empty_rate", "max")["op"] == "<="
-    assert d["summary"] == "all 11 checks passed"
-    assert d["policy"]["promote"] is True
+    assert d["summary"] == "all 12 checks passed"
+    assert d["policy"]["gate"]["promote"] is True and len(d["policy_sha256"]) == 64
 
 
 @pytest.mark.parametrize("change, metric, kind", [
@@ -116,7 +123,8 @@ def test_missing_candidate_fails_everything():
     comp = comparison()
     comp["candidate"] = None
     d = decide(POLICY, comp)
-    assert not d["passed"] and all(c["verdict"] == "FAIL" for c in d["checks"])
+    assert not d["passed"]
+    assert all(c["verdict"] == "FAIL" for c in d["checks"] if c["metric"] != "n")  # the count is of questions
 
 
 def test_no_champion_makes_regression_rules_not_applicable_but_not_blocking():
@@ -134,14 +142,14 @@ def test_champion_that_could_not_be_scored_fails_the_regression_rule():
 
 
 def test_promotion_only_when_the_policy_says_so():
-    no_promote = POLICY.model_copy(update={"promote": False})
+    no_promote = POLICY.model_copy(update={"gate": POLICY.gate.model_copy(update={"promote": False})})
     d = decide(no_promote, comparison())
     assert d["passed"] is True and d["promote"] is False
 
 
 def test_headline_says_plainly_when_the_candidate_did_not_beat_the_base():
     d = decide(POLICY, comparison(cis={"rougeL": ci(0.01, -0.02, 0.04), "token_f1": ci(0.09, 0.05, 0.13)}))
-    rouge, f1 = d["headline"]
+    rouge, f1, *_ = d["headline"]
     assert rouge.startswith("rougeL: the candidate did NOT beat the base model")
     assert f1.startswith("token_f1: the candidate beat the base model") and "excludes zero" in f1
 
@@ -159,3 +167,103 @@ def test_profiles_policies_load():
     for profile in ("local.yaml", "qwen2.5-0.5b-qlora.yaml"):
         cfg = config_mod.load(f"configs/{profile}")
         assert cfg.gate.rules
+
+
+def test_too_few_questions_fail_the_set():
+    comp = comparison()
+    comp["n"] = 29
+    d = decide(POLICY, comp)
+    assert not d["passed"] and [c["check"] for c in d["checks"] if c["verdict"] == "FAIL"] == ["min_questions"]
+
+
+def test_floors_alone_cannot_pass_a_decision_needs_a_check_against_base():
+    floors = policy({"rules": [{"metric": "rougeL", "min": 0.1}, {"metric": "empty_rate", "max": 0.1}]})
+    d = decide(floors, comparison())
+    assert not d["passed"] and "no applicable check against the base model" in d["summary"]
+    # champion-only comparisons that do not apply do not count either
+    only_champion = policy({"rules": [{"metric": "rougeL", "max_regression": 0.1}]})
+    d = decide(only_champion, comparison(champion=None))
+    assert not d["passed"] and check(d, "-", "vs_base")["verdict"] == "FAIL"
+
+
+SUITES = [{"name": "kqa", "path": "k.jsonl", "kind": "free_text",
+           "rules": [{"metric": "rougeL", "non_inferior": 0.02}]}]
+
+
+def _with_suite(delta, low, high, n=50, champion_ci=None):
+    comp = comparison()
+    comp["suites"] = {"kqa": {"kind": "free_text", "n": n, "base": {"rougeL": 0.2}, "candidate": {"rougeL": 0.2 + delta},
+                              "champion": None if champion_ci is None else {"rougeL": 0.2},
+                              "champion_info": {"reason": "no champion registered"},
+                              "ci": {"candidate_vs_base": {"rougeL": ci(delta, low, high)},
+                                     "candidate_vs_champion": {"rougeL": champion_ci} if champion_ci else None}}}
+    return comp
+
+
+@pytest.mark.parametrize("low, passed", [(-0.019, True), (-0.032, False)])
+def test_suite_non_inferiority_uses_the_worse_side_of_the_ci(low, passed):
+    cfg = policy(POLICY.gate.model_dump(), SUITES)
+    d = decide(cfg, _with_suite(-0.005, low, 0.01))
+    c = next(c for c in d["checks"] if c["suite"] == "kqa" and c["check"] == "non_inferior")
+    assert c["value"] == pytest.approx(low) and c["bound"] == -0.02 and c["passed"] is passed
+    assert d["passed"] is passed
+    assert any(s.startswith("[kqa] rougeL") for s in d["headline"])
+
+
+def test_suite_non_inferiority_also_against_the_champion_and_a_missing_suite_fails():
+    cfg = policy(POLICY.gate.model_dump(), SUITES)
+    d = decide(cfg, _with_suite(0.0, -0.01, 0.01, champion_ci=ci(-0.04, -0.06, -0.02)))
+    c = next(c for c in d["checks"] if c["check"] == "non_inferior_champion")
+    assert c["verdict"] == "FAIL" and c["value"] == pytest.approx(-0.06)
+    d = decide(cfg, _with_suite(0.0, -0.01, 0.01, n=20))
+    assert [c["check"] for c in d["checks"] if c["verdict"] == "FAIL"] == ["min_questions"]
+    d = decide(cfg, comparison())
+    assert not d["passed"] and "suite kqa was not scored" in d["summary"]
+
+
+def test_policy_loads_refuse_loose_settings():
+    with pytest.raises(config_mod.ConfigError, match="min_improvement"):
+        policy({"rules": [{"metric": "rougeL", "min_improvement": -0.1}]})
+    with pytest.raises(config_mod.ConfigError, match="confidence"):
+        policy({"rules": [{"metric": "rougeL", "significant": True}]}, confidence=0.8)
+    with pytest.raises(config_mod.ConfigError, match="lacks"):
+        policy({"rules": [{"metric": "rougeL", "significant": True, "suite": "nope"}]})
+    with pytest.raises(config_mod.ConfigError, match="closed_form metric accuracy"):
+        policy({"rules": [{"metric": "rougeL", "significant": True}]},
+               [{"name": "k", "path": "k.jsonl", "kind": "free_text", "rules": [{"metric": "accuracy", "min": 0.1}]}])
+
+
+@pytest.mark.parametrize("override", ["gate.rules.0.min", "gate.min_questions", "gate.promote", "eval.max_rows",
+                                      "eval.confidence", "eval.bootstrap_samples", "eval.compare_champion",
+                                      "eval.suites"])
+def test_policy_hash_covers_everything_that_changes_the_decision(override):
+    tree = {"name": "t", "data": {"path": "x.jsonl"}, "model": {"id": "m"},
+            "gate": {"rules": [{"metric": "rougeL", "min": 0.1, "significant": True}]}, "eval": {}}
+    before = config_mod.from_dict(tree).policy_digest()
+    changed = {"gate.rules.0.min": 0.0, "gate.min_questions": 5, "gate.promote": True, "eval.max_rows": 10,
+               "eval.confidence": 0.9, "eval.bootstrap_samples": 200, "eval.compare_champion": False,
+               "eval.suites": SUITES}[override]
+    section, key, *rest = override.split(".")
+    if rest:
+        tree[section][key][0][rest[1]] = changed
+    else:
+        tree[section][key] = changed
+    after = config_mod.from_dict(tree)
+    assert after.policy_digest() != before
+    with pytest.raises(PolicyMismatch, match="cannot change the policy"):
+        check_policy(after, before, enforce=True)
+    check_policy(after, after.policy_digest(), enforce=True)
+    check_policy(after, before, enforce=False)  # kfp.local: the local profile is the user's own policy
+
+
+def test_the_compiled_pipeline_carries_the_cluster_policy_hash_as_a_constant():
+    """Not a pipeline parameter: the gate task's policy_sha256 input is a literal in the committed IR."""
+    import yaml
+
+    from medtune.pipeline import CLUSTER_PROFILE, COMPILED
+
+    ir = next(yaml.safe_load_all(COMPILED.read_text()))  # the IR; the second document is platform config
+    gate_task = ir["root"]["dag"]["tasks"]["gate"]
+    constant = gate_task["inputs"]["parameters"]["policy_sha256"]["runtimeValue"]["constant"]
+    assert constant == config_mod.load(CLUSTER_PROFILE).policy_digest()
+    assert "policy_sha256" not in ir["root"]["inputDefinitions"]["parameters"]

@@ -55,7 +55,7 @@ def test_model_card_metadata_and_sections(tiny_config):
     assert meta["model-index"][0]["name"] == "medtune-org/smollm2-medqa"
     assert card.text.lstrip().splitlines()[0] == "# medtune-org/smollm2-medqa"  # titled by the repo
     for text in ("Not for diagnosis", "Not a substitute for a clinician", "a" * 64, "c" * 64,
-                 "+0.0600 [+0.0350, +0.0870]", "**PASSED**", "| rougeL >= 0.15 | 0.2000 | PASS |"):
+                 "+0.0600 [+0.0350, +0.0870]", "**PASSED**", "| [test] rougeL >= 0.15 | 0.2000 | PASS |"):
         assert text in card.text, text
 
 

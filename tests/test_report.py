@@ -8,7 +8,7 @@ import re
 import pandas as pd
 
 from medtune import report
-from medtune.config import GateConfig
+from medtune import config as config_mod
 from medtune.gate import decide
 
 
@@ -44,7 +44,8 @@ def _predictions() -> pd.DataFrame:
     })
 
 
-POLICY = GateConfig.model_validate({"rules": [{"metric": "rougeL", "min": 0.2, "significant": True}]})
+POLICY = config_mod.from_dict({"name": "t", "data": {"path": "x.jsonl"}, "model": {"id": "m"},
+                               "gate": {"rules": [{"metric": "rougeL", "min": 0.2, "significant": True}]}})
 
 
 def _text(html: str) -> str:
@@ -95,3 +96,25 @@ def test_gains_and_losses_are_ordered_and_show_every_reference():
     # no champion: its column shows a dash, not a number
     row = re.search(r"<tr><td>rougeL</td>(.*?)</tr>", html).group(1)
     assert "<td>—</td>" in row
+
+
+def test_suites_get_their_own_tables_and_a_length_change_is_flagged():
+    comp = _comparison(champion=False)
+    kqa = _comparison(champion=False)
+    kqa["base"] = {**kqa["base"], "answer_words_mean": 60.0, "length_ratio": 0.6}
+    kqa["candidate"] = {**kqa["candidate"], "answer_words_mean": 30.0, "length_ratio": 0.3}   # halved
+    kqa.update(kind="free_text", scoring="generate", n=50)
+    mcq = {"kind": "closed_form", "scoring": "likelihood", "n": 80, "base": {"accuracy": 0.30, "accuracy_norm": 0.35},
+           "candidate": {"accuracy": 0.3125, "accuracy_norm": 0.3375}, "champion": None,
+           "ci": {"candidate_vs_base": {"accuracy_norm": {"delta": -0.0125, "low": -0.05, "high": 0.025,
+                                                          "significant": False, "n": 80, "confidence": 0.95}}}}
+    comp["suites"] = {"kqa": kqa, "mmlu_medical": mcq}
+    html = report.render(comp, decide(POLICY, comp), [], _predictions(), "t", length_change_flag=0.3)
+    text = _text(html)
+    assert "kqa: candidate answers average 30.0 words against the base model's 60.0 (-50%" in text
+    assert "mmlu_medical (closed_form, likelihood, n=80)" in text
+    assert "-0.0125 [-0.0500, +0.0250]" in text and "0.3125" in text
+    assert "length_ratio" in re.search(r'<div id="suites">(.*?)</div>', html, re.S).group(1)
+    # no flag under the threshold
+    assert "No set's mean answer length changed" in _text(report.render(_comparison(False), decide(
+        POLICY, _comparison(False)), [], _predictions(), "t"))

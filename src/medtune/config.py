@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medtune.images import CPU_IMAGE, GPU_IMAGE, IMAGE_REF
 
-CANONICAL_COLUMNS = ("id", "question", "answer", "context", "focus", "qtype", "source")
+from medtune import metric_catalog
+
+CANONICAL_COLUMNS = ("id", "question", "answer", "context", "focus", "qtype", "source", "choices")
 
 
 class Strict(BaseModel):
@@ -25,7 +27,12 @@ class Strict(BaseModel):
 
 
 PhiAction = Literal["block", "mask", "off"]
-CanonicalColumn = Literal["id", "question", "answer", "context", "focus", "qtype", "source"]
+CanonicalColumn = Literal["id", "question", "answer", "context", "focus", "qtype", "source", "choices"]
+SetKind = Literal["free_text", "closed_form"]
+# Question and answer bounds per kind: exam vignettes run to thousands of characters, and a closed-form
+# answer may be a single letter.
+KIND_BOUNDS = {"free_text": {"max_question_chars": 1_000, "min_answer_chars": 2},
+               "closed_form": {"max_question_chars": 8_000, "min_answer_chars": 1}}
 
 
 class PhiConfig(Strict):
@@ -46,9 +53,9 @@ class PhiConfig(Strict):
 class DataConfig(Strict):
     path: str = Field(description="File, folder, MedQuAD folder/archive, save_to_disk folder, or hf://owner/name.")
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "medquad", "hf"] = "auto"
-    kind: Literal["free_text", "closed_form"] = Field(
-        "free_text", description="free_text: scored by overlap (F1, ROUGE, BLEU); closed_form: yes/no/maybe or "
-        "option letters, scored by accuracy and macro-F1 of the parsed answer.")
+    kind: SetKind = Field(
+        "free_text", description="free_text: scored by overlap (F1, ROUGE, BLEU); closed_form: a label among "
+        "choices (yes/no/maybe, option letters), scored by accuracy and macro-F1 (see eval.closed_form).")
     # source column -> canonical column, e.g. {input: question, output: answer}
     columns: dict[str, CanonicalColumn] = {}
     hf_split: str = Field("train", description="Split to read from a Hugging Face dataset.")
@@ -56,8 +63,8 @@ class DataConfig(Strict):
     hf_config: str | None = Field(None, description="Hub dataset configuration (subset) name.")
     limit: int | None = Field(None, ge=1, description="Keep only the first N rows read (slices for quick runs).")
     min_question_chars: int = Field(8, ge=1)
-    max_question_chars: int = Field(1_000, ge=1)
-    min_answer_chars: int = Field(2, ge=1)
+    max_question_chars: int = Field(None, ge=1, description="Default by kind (KIND_BOUNDS).")
+    min_answer_chars: int = Field(None, ge=1, description="Default by kind (KIND_BOUNDS).")
     # Generous on purpose: real answers reach ~30k characters (MedQuAD); the token budget trims for training.
     max_answer_chars: int = Field(50_000, ge=1)
     max_question_tokens: int | None = Field(None, ge=1, description="Token bound (base model's tokenizer).")
@@ -75,6 +82,14 @@ class DataConfig(Strict):
                                "quarantined (row_too_large) unread, a longer CSV field stops the run.")
     log_raw_quarantine: bool = Field(False, description="Also log the unmasked quarantine to MLflow; it holds "
                                      "the personal data the masked one hides.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_bounds(cls, tree):
+        if isinstance(tree, dict):
+            defaults = KIND_BOUNDS.get(tree.get("kind", "free_text"), {})
+            tree = {**tree, **{k: v for k, v in defaults.items() if tree.get(k) is None}}
+        return tree
 
     @model_validator(mode="after")
     def _bounds(self) -> DataConfig:
@@ -184,57 +199,101 @@ class TrainConfig(Strict):
         return self
 
 
-class EvalConfig(Strict):
-    max_rows: int | None = Field(64, ge=1, description="Cap on test rows scored (generation is the slow part).")
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    compare_champion: bool = Field(True, description="Also score the registered `champion` version, if any.")
-    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples per metric.")
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Two-sided confidence level of the CIs.")
-    seed: int = Field(0, description="Seed of the bootstrap resamples (same seed, same intervals).")
-    repetition_ngram: int = Field(3, ge=1, description="n of the word n-grams checked for repetition.")
-    repetition_threshold: float = Field(
-        0.25, gt=0.0, le=1.0, description="An answer whose repeated n-gram share reaches this is degenerate.")
-
-
-GateMetric = Literal[
-    "exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL",          # free text
-    "accuracy", "macro_f1", "unparseable_rate",                              # closed form
-    "empty_rate", "repetition_rate", "length_ratio", "answer_words_mean",    # quality checks
-    "answer_words_p10", "answer_words_p50", "answer_words_p90", "reference_words_mean", "perplexity",
-]
-# Metrics where a smaller value is the better one; improvement and regression are measured that way.
-LOWER_IS_BETTER = frozenset({"unparseable_rate", "empty_rate", "repetition_rate", "perplexity"})
-# Lengths have no better direction: they take floors and ceilings only.
-NO_DIRECTION = frozenset({"length_ratio", "answer_words_mean", "answer_words_p10", "answer_words_p50",
-                          "answer_words_p90", "reference_words_mean"})
+GateMetric = Literal[tuple(metric_catalog.METRICS)]
 
 
 class GateRule(Strict):
     """Bounds on one metric of the candidate. Every bound that is set is one check in the decision.
 
-    Improvement and regression follow the metric's direction: for lower-is-better metrics (perplexity,
-    empty_rate, ...) an improvement is a decrease.
+    Improvement and regression follow the metric's direction (metric_catalog): for lower-is-better metrics
+    (perplexity, empty_rate, ...) an improvement is a decrease.
     """
 
     metric: GateMetric
+    suite: str | None = Field(None, description="The eval suite the rule reads; None: the run's own test split. "
+                              "Rules listed under a suite get its name.")
     min: float | None = Field(None, description="Floor for the candidate's value.")
     max: float | None = Field(None, description="Ceiling for the candidate's value (quality checks).")
-    min_improvement: float | None = Field(None, description="Improvement over the base model must be at least this.")
+    min_improvement: float | None = Field(
+        None, ge=0.0, description="Improvement over the base model must be at least this (never negative: a "
+        "negative one would let a worse model pass).")
     significant: bool = Field(False, description="The improvement over base must have a CI that excludes zero.")
     max_regression: float | None = Field(
         None, ge=0.0, description="The candidate may be worse than the champion by at most this (skipped when "
         "no champion is registered).")
+    non_inferior: float | None = Field(
+        None, ge=0.0, description="Non-inferiority margin: the CI bound of candidate - base on the worse side "
+        "must stay above -margin (and of candidate - champion, when one is registered).")
 
     @model_validator(mode="after")
     def _has_bound(self) -> GateRule:
-        if all(v is None for v in (self.min, self.max, self.min_improvement, self.max_regression)) \
-                and not self.significant:
-            raise ValueError(f"gate rule for {self.metric} needs min, max, min_improvement, max_regression "
-                             "or significant")
-        if self.metric in NO_DIRECTION and (self.min_improvement is not None or self.max_regression is not None
-                                            or self.significant):
+        comparative = (self.min_improvement, self.max_regression, self.non_inferior)
+        if all(v is None for v in (self.min, self.max, *comparative)) and not self.significant:
+            raise ValueError(f"gate rule for {self.metric} needs min, max, min_improvement, max_regression, "
+                             "non_inferior or significant")
+        if metric_catalog.sign(self.metric) == 0 and (any(v is not None for v in comparative) or self.significant):
             raise ValueError(f"{self.metric} has no better direction: use min/max for it")
+        return self
+
+
+class SuiteConfig(Strict):
+    """An evaluation set beside the run's own split, scored for base, candidate and champion."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")
+    path: str = Field(description="JSONL/CSV/Parquet file; a relative path resolves against the working "
+                      "directory, then the medtune checkout (suites shipped in data/suites).")
+    kind: SetKind
+    # source column -> canonical column (question, answer, choices, id, ...), as data.columns
+    columns: dict[str, CanonicalColumn] = {}
+    max_rows: int | None = Field(None, ge=1, description="Score only the first N questions.")
+    few_shot_path: str | None = Field(None, description="Closed form: examples (same columns) shown before "
+                                      "each question.")
+    few_shot_k: int = Field(0, ge=0, description="How many few-shot examples; 0: zero-shot.")
+    rules: list[GateRule] = []
+
+    @model_validator(mode="after")
+    def _fields(self) -> SuiteConfig:
+        if self.few_shot_k and not self.few_shot_path:
+            raise ValueError(f"suite {self.name}: few_shot_k needs few_shot_path")
+        for rule in self.rules:
+            if rule.suite not in (None, self.name):
+                raise ValueError(f"suite {self.name}: a rule under it names suite {rule.suite}")
+            _fits_kind(rule, self.kind, f"suite {self.name}")
+        return self
+
+
+def _fits_kind(rule: GateRule, kind: str, where: str) -> None:
+    metric_kind = metric_catalog.METRICS[rule.metric].kind
+    if metric_kind not in (kind, "quality"):
+        raise ValueError(f"{where} is {kind}, but its rule names the {metric_kind} metric {rule.metric}")
+
+
+class EvalConfig(Strict):
+    max_rows: int | None = Field(64, ge=1, description="Cap on test rows scored (generation is the slow part).")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    closed_form: Literal["likelihood", "generate"] = Field(
+        "likelihood", description="likelihood: the choice with the highest log-likelihood as the answer's "
+        "continuation (never unparseable, one forward pass per choice); generate: generate an answer and "
+        "parse a label from it (reports unparseable_rate).")
+    compare_champion: bool = Field(True, description="Also score the registered `champion` version, if any.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples per metric.")
+    confidence: float = Field(0.95, ge=0.9, lt=1.0, description="Two-sided confidence level of the CIs (a floor "
+                              "of 0.9: a lower level lets noise pass as significant).")
+    seed: int = Field(0, description="Seed of the bootstrap resamples (same seed, same intervals).")
+    repetition_ngram: int = Field(3, ge=1, description="n of the word n-grams checked for repetition.")
+    repetition_threshold: float = Field(
+        0.25, gt=0.0, le=1.0, description="An answer whose repeated n-gram share reaches this is degenerate.")
+    length_change_flag: float = Field(
+        0.3, gt=0.0, description="The report flags a candidate whose mean answer length differs from the base "
+        "model's by more than this fraction on any free-text set.")
+    suites: list[SuiteConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_suites(self) -> EvalConfig:
+        names = [s.name for s in self.suites]
+        if len(set(names)) != len(names) or "test" in names:
+            raise ValueError(f"eval.suites names must be unique and not 'test' (the own split): {names}")
         return self
 
 
@@ -242,6 +301,8 @@ class GateConfig(Strict):
     """The promotion policy, versioned with the run as part of the profile."""
 
     rules: list[GateRule] = Field(min_length=1)
+    min_questions: int = Field(30, ge=1, description="A set with fewer scored questions fails its rules: a "
+                               "handful of questions gives intervals too wide to mean anything.")
     promote: bool = Field(False, description="On a pass, move the `champion` alias to the new version too "
                           "(otherwise it only becomes `challenger`).")
 
@@ -341,6 +402,33 @@ class Config(Strict):
     gate: GateConfig
     tracking: TrackingConfig = TrackingConfig()
     hub: HubConfig = HubConfig()
+
+    @model_validator(mode="after")
+    def _rules_fit(self) -> Config:
+        suites = {s.name: s.kind for s in self.eval.suites}
+        for rule in self.gate.rules:
+            if rule.suite is None:
+                continue  # the own split's kind is often overridden (`medtune evaluate --set data.kind=...`)
+            if rule.suite not in suites:
+                raise ValueError(f"gate rule for {rule.metric} names suite {rule.suite}, which eval.suites lacks")
+            _fits_kind(rule, suites[rule.suite], f"suite {rule.suite}")
+        return self
+
+    def policy_rules(self) -> list[GateRule]:
+        """Every rule of the decision: gate.rules plus each suite's rules, tagged with the suite's name."""
+        return [*self.gate.rules, *(r.model_copy(update={"suite": s.name}) for s in self.eval.suites
+                                    for r in s.rules)]
+
+    def policy(self) -> dict:
+        """Everything that changes the gate's decision (its hash is the policy's identity)."""
+        ev = self.eval
+        return {"gate": self.gate.model_dump(mode="json"), "suites": [s.model_dump(mode="json") for s in ev.suites],
+                "eval": {k: getattr(ev, k) for k in ("max_rows", "confidence", "bootstrap_samples", "seed",
+                                                     "compare_champion", "closed_form")},
+                "data_kind": self.data.kind}
+
+    def policy_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.policy(), sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
         """The run-time fields only (a Profile's `cluster:` is compiled in, never passed to a run)."""

@@ -21,12 +21,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from medtune import choices as choice_mod
 from medtune import metrics, models
-from medtune.numeric import jsonable
 from medtune.config import Config
+from medtune.metric_catalog import MODELS
+from medtune.numeric import finite_values, jsonable
 
 log = logging.getLogger(__name__)
-MODELS = ("base", "candidate", "champion")
 
 
 @torch.inference_mode()
@@ -53,10 +54,11 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
 
 @torch.inference_mode()
 def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 4,
-               max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               max_tokens: int | None = None, eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per row: summed negative log-likelihood of the answer tokens (+ EOS) given the prompt, and their count.
 
     Tokenised as training sees it: prompt and completion separately, then joined; padding on the right.
+    eos=False scores the answer as a continuation that may go on (closed-form choices).
     """
     model.eval()
     nll, counts = np.zeros(len(prompts)), np.zeros(len(prompts), dtype=np.int64)
@@ -64,7 +66,7 @@ def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_s
         ids, labels = [], []
         for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
             p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-            a_ids = tokenizer(a + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+            a_ids = tokenizer(a + (tokenizer.eos_token if eos else ""), add_special_tokens=False)["input_ids"]
             seq, lab = p_ids + a_ids, [-100] * len(p_ids) + a_ids
             if max_tokens:
                 seq, lab = seq[:max_tokens], lab[:max_tokens]
@@ -106,7 +108,7 @@ def questions(rows: pd.DataFrame, max_rows: int | None = None) -> pd.DataFrame:
         refs = list(dict.fromkeys(str(a) for a in group["answer"]))
         grouped.append({"id": str(first["id"]), "question": first["question"], "references": refs,
                         "answer": refs[0], "focus": first["focus"], "qtype": first["qtype"],
-                        "prompt": first.get("prompt")})
+                        "prompt": first.get("prompt"), "choices": first.get("choices")})
     out = pd.DataFrame(grouped)
     return out.head(max_rows) if max_rows else out
 
@@ -134,6 +136,8 @@ class Evaluation:
     champion_info: dict = field(default_factory=dict)
     perplexity_split: str | None = None
     bootstrap: dict = field(default_factory=lambda: {"samples": 1000, "seed": 0, "confidence": 0.95})
+    suites: dict[str, Evaluation] = field(default_factory=dict)
+    scoring: str = "generate"
 
     @property
     def base(self) -> dict:
@@ -175,6 +179,8 @@ class Evaluation:
                    "candidate_vs_champion": self.intervals("candidate", "champion")},
             "bootstrap": self.bootstrap,
             "perplexity_split": self.perplexity_split,
+            "scoring": self.scoring,
+            **({"suites": {name: sub.comparison() for name, sub in self.suites.items()}} if self.suites else {}),
         }
 
     @property
@@ -184,16 +190,66 @@ class Evaluation:
         for name, run in self.runs.items():
             out[f"{name}_answer"] = run.answers
             for metric in run.scored.rows[0]:
+                if metric == "loglik":
+                    continue
                 out[f"{name}_{metric}"] = [r[metric] for r in run.scored.rows]
         return out
 
 
-def score(cfg: Config, answers: list[str], items: pd.DataFrame, labels: tuple[str, ...] | None) -> metrics.Scored:
-    refs = items["references"].tolist()
+@dataclass
+class ScoredSet:
+    """One set to score with every model: its questions, kind, scoring and (closed form) choices."""
+
+    name: str
+    kind: str
+    items: pd.DataFrame
+    scoring: str = "generate"                 # generate | likelihood
+    choices: list | None = None               # likelihood: choices.Choices per question
+    shots: list[tuple[str, str]] = field(default_factory=list)
+    labels: tuple[str, ...] | None = None     # generate-and-parse closed form: the label set
+
+
+def closed_form_set(name: str, items: pd.DataFrame, scoring: str, column: str | None = "choices",
+                    shots: list[tuple[str, str]] = (), origin: str = "") -> ScoredSet:
+    """Resolve every question's choices (see medtune.choices); a bad row is an error naming it."""
+    if scoring == "generate":
+        return ScoredSet(name, "closed_form", items, "generate",
+                         labels=metrics.closed_form_labels(items["references"].tolist()))
+    has_column = column in items and items[column].notna().any()
+    needs_set = not has_column and not all(choice_mod.lettered_options(q) for q in items["question"])
+    set_labels = choice_mod.dataset_labels(items["answer"]) if needs_set else None
+    resolved = []
+    for pos, row in enumerate(items.itertuples(index=False)):
+        value = getattr(row, column) if has_column else None
+        try:
+            resolved.append(choice_mod.resolve(row.question, row.answer, value, set_labels))
+        except choice_mod.ChoiceError as exc:
+            raise choice_mod.ChoiceError(f"{origin or name}: row {pos + 1} (id {row.id}), field 'answer': {exc}") \
+                from None
+    return ScoredSet(name, "closed_form", items, "likelihood", choices=resolved, shots=list(shots))
+
+
+def score(cfg: Config, answers: list[str], spec: ScoredSet) -> metrics.Scored:
+    refs = spec.items["references"].tolist()
     common = dict(ngram=cfg.eval.repetition_ngram, threshold=cfg.eval.repetition_threshold)
-    if cfg.data.kind == "closed_form":
-        return metrics.score_closed_form(answers, refs, items["question"].tolist(), labels, **common)
+    if spec.kind == "closed_form":
+        return metrics.score_closed_form(answers, refs, spec.items["question"].tolist(), spec.labels, **common)
     return metrics.score_free_text(answers, refs, **common)
+
+
+def answer_set(cfg: Config, spec: ScoredSet, model, tokenizer, name: str, prompts: list[str] | None = None) -> ModelRun:
+    """One model's answers and scores on one set (generation, or likelihood of each choice)."""
+    if prompts is None:
+        prompts = [choice_mod.render(tokenizer, cfg.preprocess.system_prompt, q, spec.shots)
+                   for q in spec.items["question"]]
+    if spec.scoring == "likelihood":
+        ll = choice_mod.loglikelihoods(model, tokenizer, prompts, spec.choices, batch_size=cfg.eval.batch_size)
+        scored = metrics.score_choices(ll, [[len(t) for t in c.texts] for c in spec.choices],
+                                       [c.gold for c in spec.choices], [c.labels for c in spec.choices])
+        return ModelRun(answers=[r["parsed"] for r in scored.rows], scored=scored)
+    answers = generate(model, tokenizer, prompts, batch_size=cfg.eval.batch_size,
+                       max_new_tokens=cfg.eval.max_new_tokens, desc=f"{name} on {spec.name}")
+    return ModelRun(answers=answers, scored=score(cfg, answers, spec))
 
 
 def _same_base(cfg: Config, champion) -> bool:
@@ -203,11 +259,18 @@ def _same_base(cfg: Config, champion) -> bool:
     return all(getattr(champion.model, k) == getattr(cfg.model, k) for k in keys)
 
 
+def own_split_set(cfg: Config, items: pd.DataFrame) -> ScoredSet:
+    if cfg.data.kind == "closed_form":
+        return closed_form_set("test", items, cfg.eval.closed_form, origin="test split")
+    return ScoredSet("test", "free_text", items)
+
+
 def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
              perplexity_rows: pd.DataFrame | None = None, champion=None, champion_info: dict | None = None,
-             perplexity_split: str = "validation") -> Evaluation:
-    """Answer and score `test_rows` with the base model, the candidate (if an adapter is given) and the
-    champion (if one is given); perplexity on `perplexity_rows` (default: the test rows' references)."""
+             perplexity_split: str = "validation", suites: list[ScoredSet] = ()) -> Evaluation:
+    """Answer and score `test_rows` and every suite with the base model, the candidate (if an adapter is
+    given) and the champion (if one is given); perplexity on `perplexity_rows` (default: the test rows'
+    references)."""
     from peft import PeftModel
 
     from medtune.preprocess import render_prompt
@@ -215,7 +278,7 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     items = questions(test_rows, cfg.eval.max_rows)
     if items.empty:
         raise ValueError("the test split is empty: add data or raise preprocess.test_fraction")
-    labels = metrics.closed_form_labels(items["references"].tolist()) if cfg.data.kind == "closed_form" else None
+    own = own_split_set(cfg, items)
     tokenizer = models.load_tokenizer(cfg.model, padding_side="left")
     if items["prompt"].isna().any():
         items["prompt"] = [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in items["question"]]
@@ -225,8 +288,6 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
         perplexity_rows["prompt"].notna().all() else \
         [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in perplexity_rows["question"]]
     ppl_answers = perplexity_rows["answer"].astype(str).tolist()
-    prompts = items["prompt"].tolist()
-    gen = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
     champion_info = dict(champion_info or {"available": False, "reason": "champion comparison not requested"})
 
     model = models.load_model(cfg.model, cfg.train).to(models.device())
@@ -245,13 +306,15 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
         adapters.append("champion")
     model.config.use_cache = True
 
-    def run(name: str, m, tok, model_prompts, model_ppl_prompts) -> ModelRun:
-        answers = generate(m, tok, model_prompts, desc=name, **gen)
-        nll, counts = answer_nll(m, tok, model_ppl_prompts, ppl_answers, batch_size=min(4, cfg.eval.batch_size),
-                                 max_tokens=cfg.preprocess.max_tokens)
-        return ModelRun(answers=answers, scored=score(cfg, answers, items, labels), nll=nll, counts=counts)
+    def run(name: str, m, tok, model_prompts, model_ppl_prompts) -> dict[str, ModelRun]:
+        own_run = answer_set(cfg, own, m, tok, name, model_prompts)
+        own_run.nll, own_run.counts = answer_nll(m, tok, model_ppl_prompts, ppl_answers,
+                                                 batch_size=min(4, cfg.eval.batch_size),
+                                                 max_tokens=cfg.preprocess.max_tokens)
+        return {"test": own_run, **{spec.name: answer_set(cfg, spec, m, tok, name) for spec in suites}}
 
-    runs: dict[str, ModelRun] = {}
+    runs: dict[str, dict[str, ModelRun]] = {}
+    prompts = items["prompt"].tolist()
     if adapters:
         with model.disable_adapter():
             runs["base"] = run("base model", model, tokenizer, prompts, ppl_prompts)
@@ -272,11 +335,13 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
             runs["champion"] = runs_champion
     if champion is not None and "champion" in runs:
         champion_info["scored"] = True
-    ordered = {name: runs[name] for name in MODELS if name in runs}
-    return Evaluation(kind=cfg.data.kind, items=items, runs=ordered, champion_info=champion_info,
-                      perplexity_split=perplexity_split,
-                      bootstrap={"samples": cfg.eval.bootstrap_samples, "seed": cfg.eval.seed,
-                                 "confidence": cfg.eval.confidence})
+    bootstrap = {"samples": cfg.eval.bootstrap_samples, "seed": cfg.eval.seed, "confidence": cfg.eval.confidence}
+
+    def result(spec: ScoredSet, **extra) -> Evaluation:
+        return Evaluation(kind=spec.kind, items=spec.items, runs={m: runs[m][spec.name] for m in MODELS if m in runs},
+                          champion_info=champion_info, bootstrap=bootstrap, scoring=spec.scoring, **extra)
+
+    return result(own, perplexity_split=perplexity_split, suites={spec.name: result(spec) for spec in suites})
 
 
 def _separate_champion(cfg: Config, champion, items: pd.DataFrame, perplexity_rows: pd.DataFrame, run):
@@ -306,3 +371,18 @@ def write_outputs(result: Evaluation, comparison_path: Path, predictions_dir: Pa
     result.predictions.to_json(predictions_dir / "predictions.jsonl", orient="records", lines=True,
                                force_ascii=False)
     return comparison
+
+
+def flat_metrics(comparison: dict, prefix: str = "") -> dict[str, float]:
+    """Every finite value of a comparison as MLflow metric names: <model>.<metric>, ci.<pair>.<metric>.<bound>,
+    and the same under suite.<name>. for each suite."""
+    out = {}
+    for name in MODELS:
+        out.update({f"{prefix}{name}.{k}": v for k, v in finite_values(comparison.get(name)).items()})
+    for pair, intervals in (comparison.get("ci") or {}).items():
+        for metric, ci in (intervals or {}).items():
+            out.update({f"{prefix}ci.{pair}.{metric}.{k}": v for k, v in finite_values(ci).items()
+                        if k in ("delta", "low", "high")})
+    for suite, scored in (comparison.get("suites") or {}).items():
+        out.update(flat_metrics(scored, f"{prefix}suite.{suite}."))
+    return out

@@ -118,20 +118,17 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
                  **{k: validation[k] for k in ("rows_read", "rows_kept", "rows_quarantined")}},
         "splits": {name: {"rows": s["rows"], "fingerprint": s["fingerprint"]} for name, s in splits.items()},
         "artifacts": {key: _artifact(stored) for key, stored in sorted(artifacts.items())},
-        "metrics": {k: comparison.get(k) for k in ("base", "candidate", "champion", "ci")},
+        "metrics": {k: comparison.get(k) for k in ("base", "candidate", "champion", "ci", "suites")},
         "gate": {"passed": decision["passed"], "promote": decision.get("promote", False),
                  "summary": decision["summary"],
-                 "approved_by": f"gate policy sha256 {_policy_digest(cfg)} (automatic; see config.resolved.gate)"},
+                 "approved_by": f"gate policy sha256 {cfg.policy_digest()} (automatic; see Config.policy: "
+                                        "config.resolved.gate and eval)"},
         "mlflow": {"tracking_uri": run.get("tracking_uri"), "run_id": run["mlflow_run_id"],
                    "model_version": f"{registration['name']}/{registration['version']}" if registration else None,
                    "model_uri": registration["model_uri"] if registration else None,
                    "aliases": registration["aliases"] if registration else []},
         "hub": documents.get("hub"),
     }
-
-
-def _policy_digest(cfg: Config) -> str:
-    return hashlib.sha256(cfg.gate.model_dump_json().encode()).hexdigest()
 
 
 def _artifact(stored: Stored) -> dict:

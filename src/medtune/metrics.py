@@ -16,6 +16,10 @@ Closed-form answers (yes/no/maybe, or lettered multiple choice):
 * accuracy: share of questions whose parsed label equals the reference label.
 * macro_f1: unweighted mean of per-class F1 over the classes that occur among the reference labels or
   the parsed answers (unparseable answers add no class but lower the recall of the true class).
+* By likelihood (`score_choices`, the default; see medtune.choices): the prediction is the choice with the
+  highest log-likelihood (accuracy, macro_f1) or the highest log-likelihood per character (accuracy_norm).
+
+Names, directions and kinds of all metrics are in medtune.metric_catalog.
 
 Quality checks (catch a broken model rather than measure a good one):
 
@@ -45,16 +49,6 @@ import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
-
-FREE_TEXT_METRICS = ("exact_match", "token_f1", "bleu", "rouge1", "rouge2", "rougeL")
-CLOSED_FORM_METRICS = ("accuracy", "macro_f1", "unparseable_rate")
-QUALITY_METRICS = ("empty_rate", "repetition_rate", "length_ratio", "answer_words_mean", "answer_words_p10",
-                   "answer_words_p50", "answer_words_p90", "reference_words_mean", "perplexity")
-ALL_METRICS = FREE_TEXT_METRICS + CLOSED_FORM_METRICS + QUALITY_METRICS
-PRIMARY = {"free_text": ("rougeL", "token_f1"), "closed_form": ("accuracy", "macro_f1")}
-# +1: higher is better, -1: lower is better; metrics absent here have no better direction (lengths).
-DIRECTION = {**{m: 1 for m in FREE_TEXT_METRICS}, "accuracy": 1, "macro_f1": 1, "unparseable_rate": -1,
-             "empty_rate": -1, "repetition_rate": -1, "perplexity": -1}
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -331,6 +325,22 @@ def score_closed_form(predictions: Sequence[str], references: Sequence[Sequence[
     q_aggs, q_rows, extra = quality(predictions, references, ngram, threshold)
     rows = [{**r, **q} for r, q in zip(rows, q_rows)]
     return _finish({**aggregators, **q_aggs}, len(predictions), rows, extra)
+
+
+def score_choices(loglik: Sequence[np.ndarray], char_lengths: Sequence[Sequence[int]], gold: Sequence[int],
+                  labels: Sequence[Sequence[str]]) -> Scored:
+    """Likelihood scoring of closed-form questions: argmax of the log-likelihoods (raw and per character)."""
+    if not loglik or len(loglik) != len(gold):
+        raise ValueError(f"need equal, non-zero numbers of questions ({len(loglik)}) and gold answers ({len(gold)})")
+    rows = []
+    for ll, chars, g, names in zip(loglik, char_lengths, gold, labels):
+        raw, norm = int(np.argmax(ll)), int(np.argmax(np.asarray(ll) / np.maximum(np.asarray(chars), 1)))
+        rows.append({"gold": names[g], "parsed": names[raw], "parsed_norm": names[norm], "correct": float(raw == g),
+                     "correct_norm": float(norm == g), "loglik": [float(x) for x in ll]})
+    aggregators = {"accuracy": _mean([r["correct"] for r in rows]),
+                   "accuracy_norm": _mean([r["correct_norm"] for r in rows]),
+                   "macro_f1": _macro_f1([r["gold"] for r in rows], [r["parsed"] for r in rows])}
+    return _finish(aggregators, len(rows), rows, {})
 
 
 # -------------------------------------------------------------------------------------------- bootstrap

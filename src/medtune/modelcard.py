@@ -103,7 +103,7 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
         delta = (f"{ci['delta']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]" if "low" in ci else "n/a")
         rows.append({"name": metric, "base": _fmt(base.get(metric)), "candidate": _fmt(candidate.get(metric)),
                      "delta": delta})
-    checks = [{"rule": c["rule"], "value": _fmt(c.get("value")),
+    checks = [{"rule": f"[{c.get('suite', 'test')}] {c['rule']}", "value": _fmt(c.get("value")),
                "verdict": c.get("verdict") or ("PASS" if c["passed"] else "FAIL")}
               for c in decision.get("checks", [])]
     confidence = f"{int(100 * (comparison.get('bootstrap') or {}).get('confidence', 0.95))}%"

@@ -53,7 +53,8 @@ def build(profile: config_mod.Profile):
                                     validation_split=splits.outputs["validation_split"],
                                     adapter=trained.outputs["adapter"])
         verdict = gate.component(config=config, run_id=run_id, comparison=scored.outputs["comparison"],
-                                 history=trained.outputs["history"], predictions=scored.outputs["predictions"])
+                                 history=trained.outputs["history"], predictions=scored.outputs["predictions"],
+                                 policy_sha256=profile.policy_digest())  # a constant: run parameters cannot move it
         done = [data, splits, trained, scored, verdict]  # the audit record hashes every artifact they wrote
         with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712 (KFP builds a condition from ==)
             registered = register.component(config=config, run_id=run_id, adapter=trained.outputs["adapter"],

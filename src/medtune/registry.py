@@ -37,7 +37,15 @@ class AdapterQA(mlflow.pyfunc.PythonModel):
                         max_new_tokens=self.cfg.eval.max_new_tokens, desc="answering")
 
 
+class GateNotPassed(RuntimeError):
+    """register was asked to register a model whose gate decision did not pass."""
+
+
 def register(cfg: Config, parent_run_id: str, adapter_dir: Path, decision: dict, workdir: Path) -> dict:
+    # Whatever called it (the DAG's passing branch, a script, a retried task): no pass, no version.
+    if decision.get("passed") is not True:
+        raise GateNotPassed(f"refusing to register: the gate decision did not pass "
+                            f"({str(decision.get('summary', 'no summary'))[:300]})")
     config_path = workdir / "config.json"
     config_path.write_text(cfg.to_json())
     ran = tracking.images_ran(parent_run_id)

@@ -19,9 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from medtune import metrics  # noqa: E402
-
-MODELS = ("base", "candidate", "champion")
+from medtune import metric_catalog as catalog  # noqa: E402
+from medtune.metric_catalog import MODELS  # noqa: E402
+from medtune.numeric import finite  # noqa: E402
 # The per-question score the breakdown and the gained/lost lists use.
 PER_QUESTION = {"free_text": ("rougeL", "token_f1"), "closed_form": ("correct",)}
 
@@ -116,8 +116,7 @@ def _table(rows: list[list], header: list[str], raw: set[int] = frozenset()) -> 
 
 def metric_names(comparison: dict) -> list[str]:
     kind = comparison.get("kind", "free_text")
-    main = metrics.CLOSED_FORM_METRICS if kind == "closed_form" else metrics.FREE_TEXT_METRICS
-    return [m for m in (*main, *metrics.QUALITY_METRICS) if m in (comparison.get("base") or {})]
+    return [m for m in (*catalog.of_kind(kind), *catalog.of_kind("quality")) if m in (comparison.get("base") or {})]
 
 
 def metric_rows(comparison: dict) -> list[list[str]]:
@@ -125,7 +124,7 @@ def metric_rows(comparison: dict) -> list[list[str]]:
     vs_base, vs_champ = ci.get("candidate_vs_base") or {}, ci.get("candidate_vs_champion") or {}
     rows = []
     for m in metric_names(comparison):
-        direction = {1: "higher", -1: "lower"}.get(metrics.DIRECTION.get(m), "-")
+        direction = {"none": "-"}.get(catalog.METRICS[m].direction, catalog.METRICS[m].direction)
         rows.append([m, direction, *[fmt((comparison.get(model) or {}).get(m)) if comparison.get(model) is not None
                                     else "—" for model in MODELS],
                      fmt_ci(vs_base.get(m)), fmt_ci(vs_champ.get(m))])
@@ -179,9 +178,36 @@ def _swing_table(frame: pd.DataFrame, kind: str) -> str:
     return _table(rows, header, raw=set(range(len(header))))
 
 
-def render(comparison: dict, decision: dict, history: list[dict], predictions: pd.DataFrame, title: str) -> str:
+def length_flags(comparison: dict, fraction: float) -> list[str]:
+    """Sets (own split and suites, free text) where the candidate's mean answer length moved by more than
+    `fraction` of the base model's: overlap metrics can reward or punish length alone."""
+    flags = []
+    sets = {"test": comparison, **(comparison.get("suites") or {})}
+    for name, scored in sets.items():
+        base = finite((scored.get("base") or {}).get("answer_words_mean"))
+        cand = finite((scored.get("candidate") or {}).get("answer_words_mean"))
+        if base and cand is not None and abs(cand - base) / base > fraction:
+            flags.append(f"{name}: candidate answers average {cand:.1f} words against the base model's {base:.1f} "
+                         f"({(cand - base) / base:+.0%}, flagged beyond ±{fraction:.0%})")
+    return flags
+
+
+def suite_sections(comparison: dict) -> str:
+    """One table per evaluation suite: base, candidate, champion and the paired CIs, plus the length ratio."""
+    parts = []
+    for name, scored in (comparison.get("suites") or {}).items():
+        parts.append(f"<h3>{_esc(name)} ({_esc(scored.get('kind'))}, {_esc(scored.get('scoring'))}, "
+                     f"n={scored.get('n')})</h3>")
+        parts.append(_table(metric_rows(scored), ["metric", "better", *MODELS, "candidate - base [CI]",
+                                                  "candidate - champion [CI]"]))
+    return "".join(parts) or "<p>No evaluation suites in the profile (eval.suites).</p>"
+
+
+def render(comparison: dict, decision: dict, history: list[dict], predictions: pd.DataFrame, title: str,
+           length_change_flag: float = 0.3) -> str:
     kind = comparison.get("kind", "free_text")
-    checks = [[c["rule"], fmt(c["value"]), f"{c.get('op', '>=')} {c['bound']}", c.get("verdict") or
+    flags = "".join(f"<li>{_esc(f)}</li>" for f in length_flags(comparison, length_change_flag))
+    checks = [[c.get("suite", "test"), c["rule"], fmt(c["value"]), f"{c.get('op', '>=')} {c['bound']}", c.get("verdict") or
                ("PASS" if c["passed"] else "FAIL"), c.get("reason", "")] for c in decision.get("checks", [])]
     verdict = "PASSED" if decision["passed"] else "FAILED"
     promote = ("the new version becomes <b>champion</b>" if decision.get("promote") else
@@ -197,12 +223,12 @@ def render(comparison: dict, decision: dict, history: list[dict], predictions: p
                f"paired bootstrap percentile CI ({boot.get('samples')} resamples of the same questions, seed "
                f"{boot.get('seed')}); * marks a CI that excludes zero. Perplexity is on the "
                f"{_esc(comparison.get('perplexity_split') or 'test')} split's reference answers.")
-    names = metrics.PRIMARY.get(kind, ())
+    names = catalog.PRIMARY.get(kind, ())
     plot_names = tuple(m for m in (*names, "rouge1", "rouge2", "exact_match") if m in (comparison.get("base") or {})
                        and m != "bleu")
     # A failed gate leads with why: the rules come before the headline numbers.
     gate_first = (f"""<h2>Gate: {verdict}</h2><p id="gate-summary">{_esc(decision['summary'])}</p><p>{promote}.</p>"""
-                  f"<p>{champion}</p>{_table(checks, ['rule', 'value', 'bound', 'verdict', 'note'])}")
+                  f"<p>{champion}</p>{_table(checks, ['set', 'rule', 'value', 'bound', 'verdict', 'note'])}")
     headline_section = f'<h2>Headline</h2><ul id="headline">{headline}</ul>'
     b_header, b_rows = breakdown(predictions, kind)
     gained, lost = swings(predictions, kind)
@@ -213,11 +239,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:90%}}<
 <h1>{_esc(title)}</h1>
 {gate_first if not decision["passed"] else headline_section}
 {headline_section if not decision["passed"] else gate_first}
+<h2>Answer length</h2><ul id="length-flags">{flags or "<li>No set's mean answer length changed by more than "
+                                           f"{length_change_flag:.0%}.</li>"}</ul>
 <h2>Metrics (test split, n={comparison['n']} questions, {comparison.get('n_references', comparison['n'])} references)</h2>
 <p>{ci_note}</p>
 {_table(metric_rows(comparison), ["metric", "better", *MODELS, "candidate - base [CI]",
                                   "candidate - champion [CI]"])}
 {metric_plot(comparison, plot_names) if plot_names else ""}
+<h2>Evaluation suites</h2><div id="suites">{suite_sections(comparison)}</div>
 <h2>Training</h2>{loss_plot(history)}
 <h2>By question type (mean per-question score)</h2>
 {_table(b_rows, b_header)}

@@ -149,6 +149,29 @@ def _add_token_counts(df: pd.DataFrame, cfg: DataConfig, tokenizer) -> None:
         df[_tokens(column)] = [len(i) if isinstance(v, str) else None for i, v in zip(ids, df[column])]
 
 
+def _choice_failures(df: pd.DataFrame, failed: dict) -> list[int]:
+    """Closed form: rows whose answer names none of their choices (a choices column, lettered options in the
+    question, or the set's distinct answers); see medtune.choices."""
+    from medtune import choices
+
+    ok = df[~df[ROW_ID].isin(failed)]
+    has_column = "choices" in ok and ok["choices"].notna().any()
+    set_labels = None
+    if not has_column and not all(choices.lettered_options(str(q)) for q in ok["question"]):
+        try:
+            set_labels = choices.dataset_labels(ok["answer"].astype(str))
+        except choices.ChoiceError:
+            set_labels = ()  # no label set: only rows with their own options can be closed-form rows
+    bad = []
+    for row in ok.to_dict(orient="records"):
+        try:
+            choices.resolve(str(row["question"]), str(row["answer"]), row.get("choices") if has_column else None,
+                            set_labels or None)
+        except choices.ChoiceError:
+            bad.append(row[ROW_ID])
+    return bad
+
+
 def _failed_rows(result) -> dict[int, tuple[str, str]]:
     """Row id -> (rule, column) of the first blocking expectation each row fails."""
     failed: dict[int, tuple[str, str]] = {}
@@ -184,6 +207,9 @@ def validate(cfg: DataConfig, tokenizer=None) -> Validation:
     masked = _mask_flagged(df, result)
 
     failed = _failed_rows(result)
+    if cfg.kind == "closed_form":
+        for row_id in _choice_failures(df, failed):
+            failed[row_id] = ("answer.names_a_choice", "answer")
     records = df.to_dict(orient="records")
     for row_id, (rule, column) in sorted(failed.items()):
         row = records[row_id]
@@ -254,6 +280,8 @@ def _describe(rule: str, column: str, row: dict, cfg: DataConfig) -> str:
         return f"field '{column}' is empty"
     if check == "length_chars":
         return f"field '{column}' has {len(value)} characters (bounds data.min/max_{column}_chars)"
+    if check == "names_a_choice":
+        return f"field 'answer' is {str(value)[:40]!r}, which names none of the row's choices (data.kind=closed_form)"
     if check == "allowed_values":
         return f"field '{column}' is {phi.redact(str(value), 60)!r}, not one of data.allowed_values.{column}"
     if check == "control_chars":

@@ -24,10 +24,12 @@ def score(cfg: config_mod.Config, test_rows, trained_dir: Path | None, compariso
 
     from medtune import champion as champ
     from medtune import evaluate as ev
+    from medtune import suites
 
     with tempfile.TemporaryDirectory(prefix="medtune-champion-") as tmp:
         champion, info = champ.resolve(cfg, Path(tmp))
-        result = ev.evaluate(cfg, test_rows, trained_dir, perplexity_rows, champion, info)
+        result = ev.evaluate(cfg, test_rows, trained_dir, perplexity_rows, champion, info,
+                             suites=suites.scored_sets(cfg))
         return ev.write_outputs(result, comparison_path, predictions_dir)
 
 
@@ -37,26 +39,20 @@ def run(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparis
     import mlflow
 
     from medtune import rows, tags, tracking
-    from medtune.evaluate import MODELS
-    from medtune.numeric import finite_values
+    from medtune import evaluate as ev
 
     cfg = config_mod.from_json(config_json)
     with tracking.step(cfg, run_id, SPEC.name):
         comparison = score(cfg, rows.read(Path(test_dir)), Path(adapter_dir), Path(comparison_path),
                            Path(predictions_dir), rows.read(Path(val_dir)) if val_dir else None)
-        for name in MODELS:
-            mlflow.log_metrics({f"{name}.{k}": v for k, v in finite_values(comparison.get(name)).items()})
-        for pair, intervals in comparison["ci"].items():
-            for metric, ci in (intervals or {}).items():
-                mlflow.log_metrics({f"ci.{pair}.{metric}.{k}": ci[k] for k in ("delta", "low", "high")
-                                    if ci.get(k) is not None})
+        mlflow.log_metrics(ev.flat_metrics(comparison))
         mlflow.log_artifact(comparison_path, "evaluation")
         mlflow.log_artifact(str(Path(predictions_dir) / "predictions.jsonl"), "evaluation")
         info = comparison["champion_info"]
         mlflow.set_tag(tags.CHAMPION, f"{info.get('name')}/{info.get('version')}" if info.get("available")
                        else "none")
-    for name in MODELS:
-        tracking.log_parent_metrics(run_id, finite_values(comparison.get(name)), f"{name}.")
+    parent = ev.flat_metrics(comparison)  # per model and per suite; intervals stay on the step's run
+    tracking.log_parent_metrics(run_id, {k: v for k, v in parent.items() if not k.startswith("ci.")}, "")
     base, candidate = comparison.get("base") or {}, comparison.get("candidate") or {}
     runview.emit(headline=", ".join(f"{m} {base[m]:.3f}->{candidate[m]:.3f}" for m in ("rougeL", "token_f1",
                                                                                       "accuracy")

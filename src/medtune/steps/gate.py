@@ -16,7 +16,7 @@ SPEC = StepSpec(name="gate", display_name="Promotion gate", timeout_s=900, recor
 
 
 def decide(cfg: config_mod.Config, comparison_path: Path, history_path: Path | None, predictions_dir: Path,
-           decision_path: Path, report_path: Path, title: str) -> dict:
+           decision_path: Path, report_path: Path, title: str, policy_sha256: str = "") -> dict:
     """Write the decision (every check with its value, bound and verdict) and the HTML report."""
     import pandas as pd
 
@@ -24,16 +24,18 @@ def decide(cfg: config_mod.Config, comparison_path: Path, history_path: Path | N
     from medtune import report
 
     comparison = json.loads(Path(comparison_path).read_text())
-    decision = gating.decide(cfg.gate, comparison)
+    gating.check_policy(cfg, policy_sha256)  # on a cluster: the policy compiled into the pipeline, or nothing
+    decision = gating.decide(cfg, comparison)
     Path(decision_path).write_text(json.dumps(decision, indent=2))
     predictions = pd.read_json(Path(predictions_dir) / "predictions.jsonl", orient="records", lines=True)
     history = json.loads(history_path.read_text()) if history_path and history_path.exists() else []
-    Path(report_path).write_text(report.render(comparison, decision, history, predictions, title=title))
+    Path(report_path).write_text(report.render(comparison, decision, history, predictions, title=title,
+                                               length_change_flag=cfg.eval.length_change_flag))
     return decision
 
 
 def run(config_json: str, run_id: str, comparison_path: str, history_path: str, predictions_dir: str,
-        decision_path: str, report_path: str) -> dict:
+        decision_path: str, report_path: str, policy_sha256: str = "") -> dict:
     import mlflow
 
     from medtune import tags, tracking
@@ -41,10 +43,10 @@ def run(config_json: str, run_id: str, comparison_path: str, history_path: str, 
     cfg = config_mod.from_json(config_json)
     decision = decide(cfg, Path(comparison_path), Path(history_path) if history_path else None,
                       Path(predictions_dir), Path(decision_path), Path(report_path),
-                      title=f"medtune evaluation: {cfg.name}, run {run_id}")
+                      title=f"medtune evaluation: {cfg.name}, run {run_id}", policy_sha256=policy_sha256)
     with tracking.step(cfg, run_id, SPEC.name):
         mlflow.log_dict(decision, "gate/decision.json")
-        mlflow.log_dict(cfg.gate.model_dump(mode="json"), "gate/policy.json")
+        mlflow.log_dict(decision["policy"], "gate/policy.json")
         mlflow.log_metric("gate_passed", float(decision["passed"]))
         mlflow.log_artifact(report_path, "report")
     client = mlflow.MlflowClient()
@@ -59,7 +61,8 @@ def run(config_json: str, run_id: str, comparison_path: str, history_path: str, 
 
 @kfp_component(SPEC)
 def gate(config: str, run_id: str, comparison: Input[Artifact], history: Input[Artifact],
-         predictions: Input[Dataset], decision: Output[Artifact], report: Output[HTML]) -> bool:
+         predictions: Input[Dataset], decision: Output[Artifact], report: Output[HTML],
+         policy_sha256: str = "") -> bool:
     """Apply the promotion policy to the comparison and write the evaluation report.
 
     A plain `bool` return (output name `Output`), not a NamedTuple: kfp.local resolves a dsl.If condition
@@ -73,13 +76,16 @@ def gate(config: str, run_id: str, comparison: Input[Artifact], history: Input[A
         predictions: Every model's answers (examples in the report).
         decision: Every check with its value, bound and verdict, and the summary.
         report: The HTML evaluation report.
+        policy_sha256: The policy's hash, a constant compiled into the pipeline (on a cluster the step stops
+            when the run's config has another policy: a run parameter cannot loosen it).
 
     Returns:
         Whether the candidate passed (the DAG registers and pushes only then).
     """
     from medtune.steps import gate as step
 
-    result = step.run(config, run_id, comparison.path, history.path, predictions.path, decision.path, report.path)
+    result = step.run(config, run_id, comparison.path, history.path, predictions.path, decision.path, report.path,
+                      policy_sha256)
     decision.metadata.update(passed=result["passed"], summary=result["summary"])
     return result["passed"]
 
