@@ -4,21 +4,15 @@ nested run per step, so one run page answers what data, code and config produced
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlflow
 
 from medtune import __version__, digests, images, tags
 from medtune.config import Config
+from medtune.local_server import ServerError, local_server  # noqa: F401 (what `medtune run` starts or joins)
 
 
 def healthy(uri: str) -> bool:
@@ -27,62 +21,6 @@ def healthy(uri: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (its own process group); it may already be stopping."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@contextmanager
-def local_server(state_dir: Path, timeout_s: float = 120) -> Iterator[str]:
-    """A real MLflow server on loopback backed by SQLite in `state_dir`; reused if one already serves it.
-
-    Only a server this call started is stopped when it ends.
-    """
-    state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state_file = state_dir / "server.json"
-    if state_file.exists():
-        uri = json.loads(state_file.read_text())["uri"]
-        if healthy(uri):
-            yield uri
-            return
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (state_dir / "server.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(state_dir / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # The GenAI job runner forks eight more Python processes; tracking and the registry don't need it.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not healthy(uri):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"MLflow server did not start; see {state_dir / 'server.log'}")
-            time.sleep(0.5)
-        state_file.write_text(json.dumps({"uri": uri, "pid": proc.pid}))
-        yield uri
-    finally:
-        state_file.unlink(missing_ok=True)
-        _stop_group(proc)
-        log.close()
 
 
 def identity(cfg: Config) -> dict[str, str]:
