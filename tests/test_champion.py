@@ -49,9 +49,15 @@ def _register(client, folder: Path, tags: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     with tracking.local_server(tmp_path_factory.mktemp("mlflow")) as uri:
-        mlflow.set_tracking_uri(uri)
+        mlflow.set_tracking_uri(uri)  # (exports $MLFLOW_TRACKING_URI)
         yield mlflow.MlflowClient(uri)
+    # later tests must not find this stopped server in the environment
+    mlflow.set_tracking_uri(before or "")
+    os.environ.pop("MLFLOW_TRACKING_URI", None) if before is None else os.environ.update(MLFLOW_TRACKING_URI=before)
 
 
 def test_a_crafted_config_in_the_registry_does_not_choose_the_base_model(registry, tiny_config, tmp_path,
