@@ -87,19 +87,52 @@ def test_secrets_are_referenced_by_name_with_no_values(compiled, cfg):
     mlflow = {"secretName": "medtune-mlflow", "optional": True,
               "keyToEnv": [{"envVar": "MLFLOW_TRACKING_USERNAME", "secretKey": "username"},
                            {"envVar": "MLFLOW_TRACKING_PASSWORD", "secretKey": "password"}]}
-    hf = {"secretName": "medtune-hf", "optional": True, "keyToEnv": [{"envVar": "HF_TOKEN", "secretKey": "token"}]}
     for name, t in compiled["tasks"].items():
         refs = t["k8s"]["secretAsEnv"]
         # A reference holds the Secret's name, its keys and env var names: there is no field for a value.
         assert all(set(ref) == {"secretName", "secretNameParameter", "keyToEnv", "optional"} for ref in refs)
         assert all(ref["secretNameParameter"] == {"runtimeValue": {"constant": ref["secretName"]}} for ref in refs)
         found = [{k: ref[k] for k in ("secretName", "optional", "keyToEnv")} for ref in refs]
-        assert found == ([mlflow, hf] if spec_of(name).hub_token else [mlflow]), name
+        assert found == [mlflow], f"{name}: only the MLflow login is in the environment"
         # the only plain env: the image the pod runs, which the step records (Secrets come by reference)
         assert t["container"]["env"] == [{"name": "MEDTUNE_IMAGE", "value": t["container"]["image"]}], name
-    assert {name for name, spec in SPECS.items() if spec.hub_token} == {"validate_data", "preprocess", "train",
-                                                                         "evaluate", "push"}
     assert not re.search(r"^kind: Secret", compiled["text"], re.M)
+
+
+def test_the_hub_write_token_is_a_file_in_the_push_pod_only(compiled, cfg):
+    """Only `push` writes to the Hub; the downloading tasks get the optional read-only token; both as a file
+    named by $HF_TOKEN_PATH (huggingface_hub reads it), which a pod-only env var points at."""
+    token_path = f"{pipeline_mod.HF_TOKEN_DIR}/token"
+    for name, t in compiled["tasks"].items():
+        volumes = [{k: v[k] for k in ("secretName", "mountPath", "optional")} for v in t["k8s"].get("secretAsVolume", [])]
+        expected = {"write": cfg.cluster.hf_secret, "read": cfg.cluster.hf_read_secret}.get(
+            spec_of(name).hub_token)
+        if expected is None:
+            assert volumes == [], name
+            assert "hf-token-path" not in json.dumps(t["k8s"].get("podMetadata", {})), name
+            continue
+        assert volumes == [{"secretName": expected, "mountPath": pipeline_mod.HF_TOKEN_DIR, "optional": True}], name
+        assert {"fieldPath": "metadata.annotations['medtune.io/hf-token-path']", "name": "HF_TOKEN_PATH"} in \
+            t["k8s"]["fieldPathAsEnv"]
+        assert t["k8s"]["podMetadata"]["annotations"]["medtune.io/hf-token-path"] == token_path
+    assert [n for n, t in compiled["tasks"].items()
+            if any(v["secretName"] == cfg.cluster.hf_secret for v in t["k8s"].get("secretAsVolume", []))] == ["push"]
+    assert {name for name, spec in SPECS.items() if spec.hub_token == "read"} == {"validate_data", "preprocess",
+                                                                                  "train", "evaluate"}
+
+
+def test_endpoints_are_pinned_at_compile_time_and_pods_carry_the_mlflow_client_label(compiled, cfg):
+    from medtune import pins
+
+    key, value = pipeline_mod.MLFLOW_CLIENT_LABEL
+    for name, t in compiled["tasks"].items():
+        metadata = t["k8s"]["podMetadata"]
+        assert metadata["labels"][key] == value, name
+        assert json.loads(metadata["annotations"]["medtune.io/pinned"]) == json.loads(pins.of(cfg)) == {
+            "tracking.tracking_uri": cfg.tracking.tracking_uri, "hub.endpoint": cfg.hub.endpoint,
+            "hub.token_env": cfg.hub.token_env}
+        assert {"fieldPath": "metadata.annotations['medtune.io/pinned']", "name": pins.ENV} in \
+            t["k8s"]["fieldPathAsEnv"]
 
 
 def test_no_secret_value_reaches_the_compiled_yaml(tmp_path, monkeypatch):

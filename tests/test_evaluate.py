@@ -65,7 +65,7 @@ def test_rows(tiny_model_dir) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def three_models(tiny_model_dir, adapters, test_rows):
     cfg = _cfg(tiny_model_dir)
-    local = champ.Champion(name="m", version="1", run_id=None, adapter_dir=adapters[1], model=cfg.model)
+    local = champ.Champion(name="m", version="1", run_id=None, adapter_dir=adapters[1])
     return ev.evaluate(cfg, test_rows, adapters[0], test_rows.iloc[:4], local, local.info())
 
 

@@ -51,10 +51,10 @@ def _run(tmp_path: Path, tiny_config, passed: bool = True) -> tuple:
     return cfg, artifacts, data
 
 
-def _build(cfg, artifacts: dict, images: dict | None = None) -> dict:
+def _build(cfg, artifacts: dict, images: dict | None = None, run: dict = RUN) -> dict:
     """The record as the audit step builds it: the documents it reads are found through the step specs."""
     keyed = {key: (stored.uri, str(stored.path)) for key, stored in artifacts.items()}
-    return lineage.build(cfg, RUN, artifacts, audit.documents(keyed), images)
+    return lineage.build(cfg, run, artifacts, audit.documents(keyed), images)
 
 
 def test_record_links_inputs_and_outputs_by_hash(tmp_path, tiny_config):
@@ -82,7 +82,13 @@ def test_record_links_inputs_and_outputs_by_hash(tmp_path, tiny_config):
                                 "model_uri": "models:/m-1", "aliases": ["challenger"]}
     assert record["hub"] == HUB
     path = lineage.write(record, tmp_path / "lineage.json")
-    assert lineage.verify(path) == lineage.Verification([], 2 + 6 + 1, [])  # adapter + 6 single files + data
+    result = lineage.verify(path)
+    # adapter + 6 single files + data + the base model's files + the lock at the recorded commit (if committed)
+    code_checked = int(record["code"]["git_sha"].isalnum() and len(record["code"]["git_sha"]) == 40)
+    assert (result.problems, result.unreachable) == ([], [])
+    assert result.checked == 2 + 6 + 1 + len(model_files) + code_checked
+    assert result.skipped[-1] == ("MLflow at (none given) is not reachable: lineage.json's sha256 was not compared "
+                                  "with the medtune.lineage_sha256 tag of run abc123 and model version medtune-qa/4")
 
 
 def test_a_rejected_run_has_no_registry_or_hub_entries(tmp_path, tiny_config):
@@ -120,14 +126,38 @@ def test_cluster_record_names_images_and_leaves_remote_artifacts_unchecked(tmp_p
     assert record["run"]["runner"] == "kubernetes"
     assert record["images"] == ran
     result = lineage.verify(lineage.write(record, tmp_path / "lineage.json"))
-    assert result.problems == [] and result.checked == 1, "only the data file is reachable from here"
+    model_files = len(lineage.hash_files(Path(tiny_config.model.id)))
+    assert result.problems == [] and result.checked - model_files in (1, 2), \
+        "only the data file, the base model and the lock at the commit are reachable from here"
     assert sorted(result.unreachable) == sorted(s.uri for s in remote.values())
 
 
-def test_unknown_schema_is_refused(tmp_path):
-    path = _write(tmp_path / "lineage.json", {"schema": "medtune.lineage/1"})
-    assert lineage.verify(path).problems == [f"{path}: unknown schema 'medtune.lineage/1' "
-                                             f"(expected {lineage.SCHEMA})"]
+@pytest.mark.parametrize("content, message", [
+    ({"schema": "medtune.lineage/1"}, f"unknown schema 'medtune.lineage/1' (expected {lineage.SCHEMA})"),
+    ({"schema": lineage.SCHEMA}, "malformed audit record: run: Field required; code: Field required"),
+    ([1, 2], "not an audit record (a JSON list, expected an object)"),
+    ('{"schema": "medtune.lin', "not a readable JSON audit record"),
+])
+def test_bare_or_malformed_records_are_clear_errors(tmp_path, content, message):
+    path = _write(tmp_path / "lineage.json", content)
+    with pytest.raises(lineage.RecordError) as caught:
+        lineage.verify(path)
+    assert str(caught.value).startswith(f"{path}: {message}")
+    result = CliRunner().invoke(app, ["verify", str(path)])
+    shown = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 2 and message.split(":")[0] in shown and "Traceback" not in shown
+    assert CliRunner().invoke(app, ["lineage", str(path)]).exit_code == 2
+
+
+def test_a_field_of_the_wrong_type_is_named(tmp_path, tiny_config):
+    cfg, artifacts, _ = _run(tmp_path, tiny_config)
+    record = _build(cfg, artifacts)
+    record["data"]["files"] = ["data.jsonl"]
+    del record["mlflow"]["run_id"]
+    path = lineage.write(record, tmp_path / "lineage.json")
+    with pytest.raises(lineage.RecordError, match=r"data\.files: Input should be a valid dictionary; "
+                                                  r"mlflow\.run_id: Field required"):
+        lineage.verify(path)
 
 
 def test_find_by_run_id_directory_or_file(tmp_path, tiny_config):
@@ -162,3 +192,106 @@ def test_hub_base_model_is_identified_by_its_cached_snapshot_commit(tmp_path, mo
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     assert models.hub_commit(ModelConfig(id="Qwen/Qwen2.5-0.5B")) == commit
     assert models.hub_commit(ModelConfig(id="Qwen/Qwen2.5-1.5B")) is None, "not cached: unknown, not guessed"
+
+
+def test_verify_rehashes_the_base_model(tmp_path, tiny_config):
+    import shutil
+
+    model_dir = Path(shutil.copytree(tiny_config.model.id, tmp_path / "base"))
+    cfg, artifacts, _ = _run(tmp_path, tiny_config)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"id": str(model_dir)})})
+    path = lineage.write(_build(cfg, artifacts), tmp_path / "lineage.json")
+    assert lineage.verify(path).problems == []
+    (model_dir / "config.json").write_text((model_dir / "config.json").read_text().replace("64", "65", 1))
+    [problem] = lineage.verify(path).problems
+    assert problem.startswith(f"base model changed: {model_dir} (sha256 ")
+
+
+def test_verify_checks_the_lock_at_the_recorded_commit(tmp_path, tiny_config):
+    import subprocess
+
+    cfg, artifacts, _ = _run(tmp_path, tiny_config)
+    record = _build(cfg, artifacts)
+    root = lineage.LOCK.parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    committed = subprocess.run(["git", "show", f"{head}:requirements.lock"], cwd=root, capture_output=True).stdout
+    import hashlib
+
+    record["code"] = {**record["code"], "git_sha": head,
+                      "lock": {"path": "requirements.lock", "sha256": hashlib.sha256(committed).hexdigest()}}
+    assert lineage.verify(lineage.write(record, tmp_path / "ok.json")).problems == []
+    record["code"]["lock"]["sha256"] = "0" * 64  # packages other than the commit's
+    [problem] = lineage.verify(lineage.write(record, tmp_path / "bad.json")).problems
+    assert problem.startswith(f"code: requirements.lock at commit {head[:12]} hashes to ")
+    record["code"]["git_sha"] = "f" * 40
+    result = lineage.verify(lineage.write(record, tmp_path / "gone.json"))
+    assert f"code: commit {'f' * 40} is not in the checkout at {root}" in result.skipped
+    record["code"]["git_sha"] = f"{head}-dirty"
+    result = lineage.verify(lineage.write(record, tmp_path / "dirty.json"))
+    assert f"code: the run's code cannot be recomputed (uncommitted changes on top of {head})" in result.skipped
+
+
+def test_hub_dataset_is_recorded_by_commit_and_rechecked(tmp_path, tiny_config, monkeypatch):
+    """The Hub is unreachable here: the dataset's snapshot is laid out in a Hub cache the way huggingface_hub
+    writes it when the ingest downloads it (refs/<branch> -> snapshots/<commit>/files); that much is faked,
+    the code reading it (huggingface_hub's snapshot lookup, the hashing) is the real one."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "hub" / "datasets--org--medqa"
+    _write(repo / "refs" / "main", commit)
+    rows = _write(repo / "snapshots" / commit / "data" / "train.jsonl", '{"question": "q?", "answer": "a"}\n')
+    source = lineage.source_record("hf://org/medqa", "main")
+    assert source == {"path": "hf://org/medqa", "revision": "main", "commit": commit,
+                      "sha256": lineage.tree_digest({"data/train.jsonl": lineage.sha256_file(rows)}),
+                      "files": {"data/train.jsonl": lineage.sha256_file(rows)}}
+    assert lineage.source_record("hf://org/other", "main")["commit"] is None, "not downloaded: not guessed"
+
+    cfg, artifacts, _ = _run(tmp_path, tiny_config)
+    record = _build(cfg, artifacts)
+    record["data"] = {**record["data"], **source}
+    path = lineage.write(record, tmp_path / "lineage.json")
+    assert lineage.verify(path).problems == []
+    _write(repo / "refs" / "main", "1" * 40)  # the branch moved on: the recorded commit is what is checked
+    assert lineage.verify(path).problems == []
+    rows.write_text('{"question": "q?", "answer": "b"}\n')
+    assert lineage.verify(path).problems == [f"data file changed: {rows.parents[1] / 'data/train.jsonl'} (sha256 "
+                                             f"{lineage.sha256_file(rows)[:12]}..., recorded "
+                                             f"{source['files']['data/train.jsonl'][:12]}...)"]
+
+
+def test_a_record_rehashed_after_tampering_fails_on_the_mlflow_tag(tmp_path, tiny_config):
+    """The attack `verify` alone cannot see: change a data file, then re-hash it into lineage.json. The
+    record's own sha256 no longer matches the tag the audit step set on the run and the version."""
+    import mlflow
+
+    from medtune import tracking
+
+    cfg, artifacts, data = _run(tmp_path, tiny_config)
+    with tracking.local_server(tmp_path / "mlflow") as uri:
+        client = mlflow.MlflowClient(uri)
+        run = client.create_run(client.create_experiment("audit"))
+        run_id = run.info.run_id
+        client.create_registered_model("medtune-qa")
+        version = client.create_model_version("medtune-qa", f"{run.info.artifact_uri}/model", run_id).version
+        registration = {**REGISTRATION, "version": str(version)}
+        _write(artifacts["register/registration"].path, registration)
+        record = _build(cfg, artifacts, run={**RUN, "mlflow_run_id": run_id, "tracking_uri": uri})
+        path = lineage.write(record, tmp_path / "out" / "lineage.json")
+        digest = lineage.sha256_file(path)
+        client.set_tag(run_id, lineage.TAG, digest)  # what the audit step does
+        client.set_model_version_tag("medtune-qa", str(version), lineage.TAG, digest)
+        assert lineage.verify(path, uri).problems == []
+
+        data.write_text('{"question": "What is flu?", "answer": "Something else entirely."}\n')
+        record["data"].update(lineage.source_record(str(data)))  # the tamperer re-hashes it
+        lineage.write(record, path)
+        problems = lineage.verify(path, uri).problems
+        assert problems == [
+            f"lineage.json: sha256 {lineage.sha256_file(path)[:12]}... differs from the {lineage.TAG} tag on "
+            f"MLflow run {run_id} ({digest[:12]}...): the record was changed after the run",
+            f"lineage.json: sha256 {lineage.sha256_file(path)[:12]}... differs from the {lineage.TAG} tag on "
+            f"model version medtune-qa/{version} ({digest[:12]}...): the record was changed after the run"]
+        result = CliRunner().invoke(app, ["verify", str(path.parent), "--tracking-uri", uri])
+        assert result.exit_code == 1 and "the record was changed after the run" in " ".join(result.output.split())

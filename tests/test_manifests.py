@@ -85,6 +85,7 @@ def test_the_inventory(rendered):
         ("Service", "mlflow"), ("ServiceAccount", "medtune-pipeline-runner"), ("Role", "medtune-pipeline-runner"),
         ("RoleBinding", "medtune-pipeline-runner"), ("PersistentVolumeClaim", "medtune-model-cache"),
         ("PersistentVolumeClaim", "medtune-data"), ("Job", "medtune-model-cache-init"),
+        ("ConfigMap", "mlflow-auth"), ("NetworkPolicy", "mlflow"),
     }
     assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "medtune" for o in rendered.values())
 
@@ -124,18 +125,75 @@ def test_mlflow_server_runs_non_root_on_its_volume(rendered):
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_runner_role_grants_no_wildcards(rendered):
+def _grants(rules: list[dict]) -> set[tuple]:
+    """(api group, resource, verb, resource name or "*") for every combination a Role's rules grant."""
+    return {(g, res, v, name) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]
+            for name in r.get("resourceNames") or ["*"]}
+
+
+def test_runner_role_grants_only_what_the_task_pods_call(rendered):
     rules = rendered[("Role", "medtune-pipeline-runner")]["rules"]
-    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in rules)
-    granted = {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
-    assert ("argoproj.io", "workflowtaskresults", "create") in granted
-    assert ("", "configmaps", "get") in granted
-    assert not any(res == "secrets" and v != "get" for _, res, v in granted)
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] and "*" not in r["apiGroups"] for r in rules)
+    assert _grants(rules) == {
+        ("", "configmaps", "get", "kfp-launcher"), ("", "configmaps", "get", "metadata-grpc-configmap"),
+        ("", "secrets", "get", "mlpipeline-minio-artifact"),  # the artifact store's, by name only
+        ("", "pods", "get", "*"), ("", "pods", "watch", "*"), ("", "pods", "patch", "*"), ("", "pods/log", "get", "*"),
+        ("argoproj.io", "workflowtaskresults", "create", "*"), ("argoproj.io", "workflowtaskresults", "patch", "*"),
+    }
+    cfg = config_mod.load(PROFILE)
+    readable = {name for _, res, _, name in _grants(rules) if res == "secrets"}
+    assert not readable & {cfg.cluster.hf_secret, cfg.cluster.mlflow_secret, "*"}, \
+        "the pods get medtune's Secrets from the kubelet; the account must not read them (or any other)"
+    assert not {v for _, res, v, _ in _grants(rules) if res == "persistentvolumeclaims"}, "runs create no PVCs"
+
+
+def test_mlflow_requires_a_login_with_the_admin_from_a_secret(rendered):
+    container = rendered[("Deployment", "mlflow")]["spec"]["template"]["spec"]["containers"][0]
+    command = " ".join(container["args"])
+    assert command.startswith("exec mlflow server --app-name basic-auth ")
+    env = {e["name"]: e for e in container["env"]}
+    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "flask-secret-key")):
+        # not optional: a server without its admin Secret must not start (and serve without login)
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-admin", "key": key}, name
+    assert not any("value" in e and "PASSWORD" in e["name"] for e in container["env"])
+    config_dir = env["MLFLOW_AUTH_CONFIG_PATH"]["value"].rpartition("/")[0]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == config_dir)
+    assert mount["readOnly"] is True
+    volume = next(v for v in rendered[("Deployment", "mlflow")]["spec"]["template"]["spec"]["volumes"]
+                  if v["name"] == mount["name"])
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(rendered[("ConfigMap", volume["configMap"]["name"])]["data"]["basic_auth.ini"])
+    assert ini["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert ini["mlflow"]["database_uri"] == "sqlite:////mlflow/basic_auth.db", "the user store on the PVC"
+    assert "admin_password" not in ini["mlflow"], "the password comes from the Secret only"
+
+
+def test_network_policy_admits_only_the_pipeline_pods(rendered):
+    from medtune.pipeline import MLFLOW_CLIENT_LABEL
+
+    policy = rendered[("NetworkPolicy", "mlflow")]
+    deployment = rendered[("Deployment", "mlflow")]
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert selected.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    runs_ns = rendered[("ServiceAccount", "medtune-pipeline-runner")]["metadata"]["namespace"]
+    # one peer with both selectors: pods with the label AND in the runs' namespace (two peers would be OR)
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": runs_ns}},
+                             "podSelector": {"matchLabels": dict([MLFLOW_CLIENT_LABEL])}}]
+    service = rendered[("Service", "mlflow")]
+    assert rule["ports"] == [{"protocol": "TCP", "port": service["spec"]["ports"][0]["port"]}]
+    assert "port-forward" in (MANIFESTS / "mlflow" / "networkpolicy.yaml").read_text(), "why it needs no rule"
 
 
 def test_secret_templates_are_valid_hold_no_values_and_are_not_applied(rendered):
     templates = sorted((MANIFESTS / "secrets").glob("*.yaml"))
-    assert {p.stem for p in templates} == {"hf-token", "mlflow-credentials", "mlflow-backend"}
+    assert {p.stem for p in templates} == {"hf-token", "hf-read-token", "mlflow-credentials", "mlflow-backend",
+                                           "mlflow-admin"}
     cfg = config_mod.load(PROFILE)
     names = set()
     for path in templates:
@@ -143,7 +201,7 @@ def test_secret_templates_are_valid_hold_no_values_and_are_not_applied(rendered)
         kubernetes_validate.validate(secret, K8S_VERSIONS[-1], strict=True)
         assert "data" not in secret and all(value == "" for value in secret["stringData"].values()), path
         names.add(secret["metadata"]["name"])
-    assert {cfg.cluster.hf_secret, cfg.cluster.mlflow_secret} <= names
+    assert {cfg.cluster.hf_secret, cfg.cluster.hf_read_secret, cfg.cluster.mlflow_secret, "mlflow-admin"} <= names
     assert not any(kind == "Secret" for kind, _ in rendered)  # an apply -k must not blank real values
 
 
@@ -310,3 +368,64 @@ def test_base_images_in_manifests_follow_bases_lock():
     [image] = [c["image"] for c in _containers(job)]
     tag = image.split("@")[0]
     assert tag in locked and image == (tag if locked[tag] == "-" else f"{tag}@{locked[tag]}")
+
+
+def test_the_deployments_mlflow_command_requires_a_login(rendered, tmp_path):
+    """The Deployment's own command line, env and auth config, run here on loopback (paths and port moved):
+    no request but /health without a login; the admin from the Secret's keys creates the pipeline's user;
+    a user nobody granted anything sees nothing of the pipeline's experiment (NO_PERMISSIONS)."""
+    import os
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+    import psutil
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    from medtune.local_server import _listening_port, _stop
+
+    deployment = rendered[("Deployment", "mlflow")]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    command = container["args"][0].replace("/mlflow/", f"{tmp_path}/")
+    command = command.replace("--host 0.0.0.0 --port 5000 --workers 2", "--host 127.0.0.1 --port 0 --workers 1")
+    command = command.replace("exec mlflow ", f"exec {sys.executable} -m mlflow ")
+    ini = rendered[("ConfigMap", "mlflow-auth")]["data"]["basic_auth.ini"].replace("////mlflow/", f"///{tmp_path}/")
+    (tmp_path / "basic_auth.ini").write_text(ini)
+    secret = {"username": "admin-ops", "password": "admin-pw-9c2e", "flask-secret-key": "k" * 32}
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for e in container["env"]:
+        if "secretKeyRef" in e.get("valueFrom", {}) and e["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin":
+            env[e["name"]] = secret[e["valueFrom"]["secretKeyRef"]["key"]]
+    server = subprocess.Popen(["/bin/sh", "-c", command], env=env, start_new_session=True,
+                              stdout=open(tmp_path / "log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline, uri = time.monotonic() + 180, None
+        while uri is None or urllib.request.urlopen(f"{uri}/health", timeout=5).status != 200:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+            port = _listening_port(psutil.Process(server.pid))
+            uri = f"http://127.0.0.1:{port}" if port else None
+            time.sleep(1)
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=5)
+        assert anonymous.value.code == 401
+
+        os.environ.update(MLFLOW_TRACKING_USERNAME=secret["username"], MLFLOW_TRACKING_PASSWORD=secret["password"])
+        try:
+            admin = get_app_client("basic-auth", tracking_uri=uri)
+            admin.create_user("medtune-pipeline", "pipeline-pw-51aa")
+            admin.create_user("someone", "someone-pw-07bd")
+            os.environ.update(MLFLOW_TRACKING_USERNAME="medtune-pipeline", MLFLOW_TRACKING_PASSWORD="pipeline-pw-51aa")
+            experiment = mlflow.MlflowClient(uri).create_experiment("medtune")
+            os.environ.update(MLFLOW_TRACKING_USERNAME="someone", MLFLOW_TRACKING_PASSWORD="someone-pw-07bd")
+            with pytest.raises(MlflowException, match="Permission denied"):
+                mlflow.MlflowClient(uri).get_experiment(experiment)
+        finally:
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                os.environ.pop(key, None)
+    finally:
+        _stop(server.pid, psutil.Process(server.pid).create_time())

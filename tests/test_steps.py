@@ -22,7 +22,7 @@ from medtune.steps import audit
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
 
-THROWAWAY = steps.StepSpec(name="throwaway", display_name="Throw a note away", gpu=True, hub_token=True,
+THROWAWAY = steps.StepSpec(name="throwaway", display_name="Throw a note away", gpu=True, hub_token="read",
                            data_pvc=True, retry=config_mod.RetryPolicy(retries=4, backoff_s=5), timeout_s=1234,
                            records={"note": "note"})
 
@@ -68,7 +68,8 @@ def test_a_new_step_is_placed_and_audited_from_its_spec_alone(tmp_path):
     assert container["resources"]["accelerator"]["resourceCount"] == "1"
     assert k8s["exec-throwaway"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
     assert [t["key"] for t in k8s["exec-throwaway"]["tolerations"]] == ["nvidia.com/gpu"]
-    assert [s["secretName"] for s in k8s["exec-throwaway"]["secretAsEnv"]] == ["medtune-mlflow", "medtune-hf"]
+    assert [s["secretName"] for s in k8s["exec-throwaway"]["secretAsEnv"]] == ["medtune-mlflow"]
+    assert [s["secretName"] for s in k8s["exec-throwaway"]["secretAsVolume"]] == ["medtune-hf-read"]  # a file
     assert [(m["constant"], m["mountPath"]) for m in k8s["exec-throwaway"]["pvcMount"]] == [("medtune-data", "/data")]
     # the audit step takes the new step's artifact, wired from its output
     assert tasks["audit"]["inputs"]["artifacts"]["throwaway__note"] == {
@@ -81,7 +82,7 @@ def test_a_new_step_is_placed_and_audited_from_its_spec_alone(tmp_path):
         {"note": {"written": True}}
     # the README-style table has its row
     assert steps.table({THROWAWAY.name: THROWAWAY}).splitlines()[-1] == \
-        "| throwaway | cuda | GPU | 1 GPU, 8 CPU, 48 Gi | data at /data | mlflow, hf | 4 | 20 min |"
+        "| throwaway | cuda | GPU | 1 GPU, 8 CPU, 48 Gi | data at /data | mlflow, hf-read (file) | 4 | 20 min |"
 
 
 def test_profile_overrides_a_steps_retries_and_timeout(tmp_path):

@@ -1,7 +1,12 @@
 """Find the current champion: the registered model version carrying the MLflow alias `champion`.
 
-The registered model is a pyfunc (see `medtune.registry`) whose artifacts hold the LoRA adapter and the
-config it was trained with; downloading them gives an adapter directory and the base model it needs.
+The registered model is a pyfunc (see `medtune.registry`) whose artifacts hold the trained weights (a LoRA
+adapter, or a full model for train.method full); downloading them gives that directory. The champion is
+scored on the profile's base model, never on one the registry names: whoever can write to the registry
+(tags, the stored config) must not choose what a GPU pod holding the Hub token downloads and runs (a
+`pypi_gguf` package is installed with pip). A champion tagged with another base model is not comparable
+and is skipped with that reason; pickled weight files in its artifacts are refused (loading them runs
+code), only safetensors weights are read.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from medtune import config as config_mod
 from medtune import tags
 
 ALIAS = "champion"
+PICKLED = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
+
+
+class UnsafeChampion(ValueError):
+    """The champion's artifacts hold what medtune will not load."""
 
 
 @dataclass
@@ -24,12 +34,11 @@ class Champion:
     name: str
     version: str
     run_id: str | None
-    adapter_dir: Path  # its trained weights: an adapter, or a full model (train.method full)
-    model: config_mod.ModelConfig | None  # the base model it was trained on (None: not recorded)
+    adapter_dir: Path  # its trained weights: an adapter of the profile's base model, or a full model
 
     def info(self) -> dict:
         return {"available": True, "name": self.name, "version": self.version, "run_id": self.run_id,
-                "alias": ALIAS, "base_model": self.model.id if self.model else None, "reason": ""}
+                "alias": ALIAS, "reason": ""}
 
 
 def _not_found(exc: MlflowException) -> bool:
@@ -47,37 +56,54 @@ def lookup(registered_model: str) -> dict:
                     "alias": ALIAS, "reason": f"no version of {registered_model} has alias '{ALIAS}'"}
         raise
     return {"available": True, "name": registered_model, "version": str(version.version),
-            "run_id": version.run_id or version.tags.get(tags.RUN_ID), "alias": ALIAS, "reason": ""}
+            "run_id": version.run_id or version.tags.get(tags.RUN_ID), "alias": ALIAS, "reason": "",
+            "base_model": version.tags.get(tags.BASE_MODEL),
+            "base_model_revision": version.tags.get(tags.BASE_MODEL_REVISION)}
 
 
-def fetch(registered_model: str, dest: Path) -> tuple[Champion | None, dict]:
-    """Download the champion's adapter and config under `dest`; (None, why) when there is no champion."""
+def other_base(info: dict, base: config_mod.ModelConfig) -> str | None:
+    """Why the champion cannot be scored on the profile's base model; None when it can. A version without
+    the tags predates them; medtune only ever registered adapters of the profile's base, so it is scored."""
+    trained_on, revision = info.get("base_model"), info.get("base_model_revision")
+    if trained_on is None or (trained_on == base.id and revision in (None, base.revision)):
+        return None
+    return (f"champion {info['name']} version {info['version']} was trained on {trained_on}@{revision}, "
+            f"not on this profile's base model {base.id}@{base.revision}: not comparable (the base model comes "
+            "from the profile, never from the registry)")
+
+
+def fetch(registered_model: str, dest: Path, base: config_mod.ModelConfig) -> tuple[Champion | None, dict]:
+    """Download the champion's weights under `dest`; (None, why) when there is none on the profile's base."""
     info = lookup(registered_model)
     if not info["available"]:
         return None, info
+    reason = other_base(info, base)
+    if reason:
+        return None, {**info, "available": False, "reason": reason}
     local = Path(mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{registered_model}/{info['version']}", dst_path=str(dest)))
-    # The trained weights: an adapter (lora/qlora), else a full model directory (train.method full).
-    weights = sorted(p.parent for p in local.rglob("adapter_config.json")) or \
-        sorted(p.parent for p in local.rglob("config.json") if "architectures" in json.loads(p.read_text()))
+    # The trained weights, in safetensors: an adapter (lora/qlora), else a full model (train.method full).
+    weights = sorted(p.parent for p in local.rglob("adapter_config.json")
+                     if (p.parent / "adapter_model.safetensors").exists()) or \
+        sorted(p.parent for p in local.rglob("config.json")
+               if "architectures" in json.loads(p.read_text()) and any(p.parent.glob("*.safetensors")))
     if not weights:
         raise FileNotFoundError(f"{registered_model} version {info['version']}: no adapter or model weights in "
-                                f"its artifacts ({local})")
-    model = None
-    for path in local.rglob("config.json"):
-        tree = json.loads(path.read_text())
-        if isinstance(tree, dict) and isinstance(tree.get("model"), dict) and "train" in tree:
-            # Only the model section is needed; an older config schema must not make the champion unusable.
-            model = config_mod.ModelConfig.model_validate(tree["model"])
-            break
+                                f"safetensors in its artifacts ({local})")
+    # peft and transformers would unpickle a .bin next to the weights they load (MLflow's own
+    # python_model.pkl elsewhere in the artifacts is never loaded here).
+    pickled = sorted(str(p.relative_to(local)) for pattern in PICKLED for p in weights[0].rglob(pattern))
+    if pickled:
+        raise UnsafeChampion(f"{registered_model} version {info['version']}: pickled files in its weights "
+                             f"({', '.join(pickled)}); loading them would run code, so the champion is refused")
     champion = Champion(name=registered_model, version=info["version"], run_id=info["run_id"],
-                        adapter_dir=weights[0], model=model)
-    return champion, champion.info()
+                        adapter_dir=weights[0])
+    return champion, {**info, **champion.info()}
 
 
 def resolve(cfg: config_mod.Config, dest: Path) -> tuple[Champion | None, dict]:
     """The champion to compare against (downloaded under `dest`), or (None, why there is none to compare):
-    comparison switched off, no tracking server to ask, or no version with the alias."""
+    comparison switched off, no tracking server to ask, or no version with the alias on the profile's base."""
     import os
 
     if not cfg.eval.compare_champion:
@@ -87,4 +113,4 @@ def resolve(cfg: config_mod.Config, dest: Path) -> tuple[Champion | None, dict]:
         return None, {"available": False, "reason": "no tracking server configured (tracking.tracking_uri or "
                       "MLFLOW_TRACKING_URI)"}
     mlflow.set_tracking_uri(uri)
-    return fetch(cfg.tracking.registered_model, dest)
+    return fetch(cfg.tracking.registered_model, dest, cfg.model)

@@ -27,6 +27,14 @@ ConfigOpt = typer.Option(DEFAULT_PROFILE, "--config", "-c", help="YAML profile."
 SetOpt = typer.Option([], "--set", help="Override a field: --set train.lora.r=32 (repeatable).")
 
 
+@app.callback()
+def _environment() -> None:
+    # Before any command: a password in $MLFLOW_TRACKING_URI must not reach a message, param or record.
+    from medtune import uris
+
+    uris.tracking_credentials_to_env()
+
+
 def _fail(message: str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
@@ -284,8 +292,8 @@ def lineage_(run: str = typer.Argument(..., help="Output directory, lineage.json
     from medtune import lineage
 
     try:
-        record = json.loads(lineage.find(run).read_text())
-    except FileNotFoundError as exc:
+        record = lineage.load(lineage.find(run))
+    except (FileNotFoundError, lineage.RecordError) as exc:
         _fail(str(exc))
     base, hub = record["base_model"], record["hub"] or {}
     metrics = record["metrics"]
@@ -318,24 +326,40 @@ def lineage_(run: str = typer.Argument(..., help="Output directory, lineage.json
 
 @app.command()
 def verify(run: str = typer.Argument(..., help="Output directory, lineage.json, or run id that `medtune run` "
-                                               "printed.")):
-    """Recompute every hash in the run's lineage.json; exit 1 naming each file that changed."""
-    from medtune import lineage
+                                               "printed."),
+           tracking_uri: str = typer.Option(None, help="MLflow server holding the run (default: $MLFLOW_TRACKING_URI;"
+                                            " for a local run the server of .medtune/mlflow, started if needed)")):
+    """Recompute every hash in the run's lineage.json and compare the record with its MLflow tags; exit 1
+    naming each file that changed."""
+    from contextlib import nullcontext
+
+    from medtune import lineage, local_run, tracking
 
     try:
         path = lineage.find(run)
-    except FileNotFoundError as exc:
+        record = lineage.load(path)
+    except (FileNotFoundError, lineage.RecordError) as exc:
         _fail(str(exc))
-    result = lineage.verify(path)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    local = uri is None and record["run"]["runner"] == "kfp.local" and local_run.MLFLOW_DIR.is_dir()
+    try:
+        with tracking.local_server(local_run.MLFLOW_DIR) if local else nullcontext(
+                uri or record["mlflow"]["tracking_uri"]) as server:
+            result = lineage.verify(path, server)
+    except tracking.ServerError as exc:
+        _fail(f"the local MLflow server: {exc}")
     for line in result.problems:
         console.print(f"[red]MISMATCH[/] {line}", highlight=False, soft_wrap=True)
     for uri in result.unreachable:
         console.print(f"[yellow]NOT CHECKED[/] {uri}: artifact store not reachable from here", highlight=False,
                       soft_wrap=True)
+    for line in result.skipped:
+        console.print(f"[yellow]NOT CHECKED[/] {line}", highlight=False, soft_wrap=True)
     if result.problems:
         raise typer.Exit(1)
     console.print(f"verified: {result.checked} files match {path}"
-                  + (f"; {len(result.unreachable)} artifacts not checked" if result.unreachable else ""))
+                  + (f"; {len(result.unreachable) + len(result.skipped)} checks not made here (above)"
+                     if result.unreachable or result.skipped else ""), highlight=False)
 
 
 @data_app.command("validate")

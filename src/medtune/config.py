@@ -307,10 +307,23 @@ class GateConfig(Strict):
                           "(otherwise it only becomes `challenger`).")
 
 
+def _no_credentials(uri: str | None) -> str | None:
+    """The config is logged (MLflow params, lineage.json): a URI in it must not carry a password."""
+    from medtune.uris import redact
+
+    if uri and redact(uri) != uri:
+        raise ValueError("credentials in the URI would be logged with the config; give the bare URL and the "
+                         "credentials in $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD (MLflow) or the token "
+                         "Secret (Hub)")
+    return uri
+
+
 class TrackingConfig(Strict):
     tracking_uri: str | None = Field(None, description="MLflow server; `medtune run` starts a local one when unset.")
     experiment: str = "medtune"
     registered_model: str = "medtune-medqa"
+
+    _bare_uri = field_validator("tracking_uri")(_no_credentials)
 
 
 class HubConfig(Strict):
@@ -319,6 +332,8 @@ class HubConfig(Strict):
     token_env: str = Field("HF_TOKEN", description="Name of the env var holding the token; never the token.")
     endpoint: str | None = Field(None, description="Hub URL (a private Hub or mirror); None: huggingface.co.")
     license: str = "apache-2.0"
+
+    _bare_uri = field_validator("endpoint")(_no_credentials)
 
 
 class Resources(Strict):
@@ -349,9 +364,12 @@ class ClusterConfig(Strict):
     data_pvc: str | None = Field("medtune-data", description="Mounted at data_mount on validate_data; None for "
                                  "hf:// data or data baked into the image.")
     data_mount: str = "/data"
-    # Secret names only; the keys are fixed: <hf_secret>.token -> $<hub.token_env>,
+    # Secret names only; the keys are fixed: <hf_secret>.token and <hf_read_secret>.token are mounted as the
+    # file $HF_TOKEN_PATH (push only for the write token; the Hub downloads for the read one),
     # <mlflow_secret>.username/.password -> $MLFLOW_TRACKING_USERNAME/$MLFLOW_TRACKING_PASSWORD.
     hf_secret: str | None = "medtune-hf"
+    hf_read_secret: str | None = Field("medtune-hf-read", description="Optional read-only Hub token for gated "
+                                       "or private downloads; never the write token.")
     mlflow_secret: str | None = "medtune-mlflow"
     # Per task, overriding the step's default (its StepSpec in medtune/steps/<task>.py); `medtune config show`
     # prints the defaults. retries: {train: {retries: 2}}; retries 0 switches a default policy off.
@@ -496,4 +514,7 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Profi
 
 
 def from_json(text: str) -> Config:
-    return from_dict(json.loads(text), origin="<pipeline parameter>", model=Config)
+    """The run-time config a step receives; in a task pod, refused if it redirects a pinned field."""
+    from medtune import pins
+
+    return pins.enforce(from_dict(json.loads(text), origin="<pipeline parameter>", model=Config))

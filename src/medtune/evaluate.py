@@ -1,7 +1,7 @@
 """Score the base model, the candidate (base + adapter) and the champion on the same held-out questions.
 
 All answer with greedy decoding. The base model is loaded once; the candidate's adapter is switched off
-for the base pass and the champion's adapter (when it was trained on the same base) is loaded next to it,
+for the base pass and the champion's adapter (always of the profile's base model) is loaded next to it,
 so the models differ in their adapters and nothing else. Rows that share a question are scored as one
 question with several references (the best reference counts).
 
@@ -297,7 +297,8 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     if adapter_dir is not None and not full_candidate:
         model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="candidate")
         adapters.append("candidate")
-    shared_champion = champion is not None and _same_base(cfg, champion) and models.is_adapter_dir(champion.adapter_dir)
+    # The champion is an adapter of the profile's base model or a full model (see medtune.champion).
+    shared_champion = champion is not None and models.is_adapter_dir(champion.adapter_dir)
     if shared_champion:
         if adapters:
             model.load_adapter(str(champion.adapter_dir), adapter_name="champion")
@@ -330,7 +331,7 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     if champion is not None and not shared_champion:
         runs_champion = _separate_champion(cfg, champion, items, perplexity_rows, run)
         if runs_champion is None:
-            champion_info["reason"] = f"champion trained on {(champion.model or cfg.model).id} could not be loaded"
+            champion_info["reason"] = f"champion {champion.name} version {champion.version} could not be loaded"
         else:
             runs["champion"] = runs_champion
     if champion is not None and "champion" in runs:
@@ -345,16 +346,14 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
 
 
 def _separate_champion(cfg: Config, champion, items: pd.DataFrame, perplexity_rows: pd.DataFrame, run):
-    """A champion on another base model (loaded on its own base, prompted with that base's chat template) or a
-    fully fine-tuned one."""
+    """A fully fine-tuned champion (train.method full), prompted with the profile's base model's tokenizer."""
     from medtune.preprocess import render_prompt
 
-    base = champion.model or cfg.model
     try:
-        tokenizer = models.load_tokenizer(base, padding_side="left")
-        model = models.load_trained(base, cfg.train, champion.adapter_dir)
+        tokenizer = models.load_tokenizer(cfg.model, padding_side="left")
+        model = models.load_trained(cfg.model, cfg.train, champion.adapter_dir)
     except (OSError, ValueError) as exc:
-        log.warning("champion (base model %s) could not be loaded: %s", base.id, exc)
+        log.warning("champion %s version %s could not be loaded: %s", champion.name, champion.version, exc)
         return None
     model.config.use_cache = True
     prompts = [render_prompt(tokenizer, cfg.preprocess.system_prompt, q) for q in items["question"]]

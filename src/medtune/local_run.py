@@ -14,8 +14,9 @@ from pathlib import Path
 
 import mlflow
 
-from medtune import digests, lineage, models, runs, runview, tracking
+from medtune import digests, lineage, models, runs, runview, tracking, uris
 from medtune.config import Config
+from medtune.local_server import ServerError
 
 MLFLOW_DIR = Path(".medtune/mlflow")
 
@@ -34,53 +35,72 @@ def run(cfg: Config, output_dir: Path, run_name: str, console, verbose: bool = F
     """Run the compiled DAG; the console shows one line per step (all of it with `verbose`), and each
     step's full output goes to `output_dir/logs/<step>.log`. `runner`: kfp.local's runner, SubprocessRunner
     in this virtualenv unless given (scripts/test-images passes a DockerRunner: every task in its image)."""
-    from kfp import components, local
-
     signal.signal(signal.SIGTERM, _terminate)
     output_dir = output_dir.resolve()  # artifact URIs in the audit record are these paths
     output_dir.mkdir(parents=True, exist_ok=True)
-    external = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    external = _external_server(cfg)
     if external and external.startswith("http") and not tracking.healthy(external):
         # MLflow's client retries for minutes before giving up; say what is wrong at once.
         raise PipelineFailed(f"the MLflow server at {external} (tracking.tracking_uri or $MLFLOW_TRACKING_URI) "
                              "is not reachable; unset both to let medtune start a local one")
     console.print(f"model: {cfg.model.id} -> {models.resolve(cfg.model)}")  # fetch/convert once, up front
     server = nullcontext(external) if external else tracking.local_server(MLFLOW_DIR)
-    with server as uri:
-        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})})
-        console.print(f"MLflow tracking server: {uri}")
-        # The steps run in this virtualenv, not in their images, and cluster settings (GPUs, node pools,
-        # resources) don't apply on one machine: kfp warns about both once per task.
-        warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
-        warnings.filterwarnings("ignore", message=r"Task '.*': settings \[", category=UserWarning)
-        local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir / "artifacts"),
-                   workspace_root=str(output_dir / "workspace"))
-        pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
-        view = runview.RunView(output_dir / "logs", runview.dag_tasks(compiled_pipeline_path()), console,
-                               live=console.is_terminal, verbose=verbose)
-        try:
-            with view, redirect_stdout(view), redirect_stderr(view):
-                task = pipeline(config=cfg.to_json(), requested_by=digests.requester())
-        except RuntimeError as exc:
-            step = view.failed()
-            if step is None:
-                raise PipelineFailed(f"the pipeline failed: {exc} (logs in {view.log_dir})") from None
-            raise PipelineFailed(f"step {step.name} failed: {step.detail or 'see its log'}\n"
-                                 f"log: {view.log_path(step.name)}") from None
-        summary = summarise(task.outputs, output_dir, uri)
-        summary.update(profile=cfg.name, logs=str(view.log_dir),
-                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    try:
+        with server as uri:
+            return _run_with(cfg, uri, output_dir, console, verbose, runner)
+    except ServerError as exc:
+        raise PipelineFailed(f"the local MLflow server: {exc}") from None
+
+
+def _external_server(cfg: Config) -> str | None:
+    """The tracking server the user named; `medtune` moved any credentials in it to the environment first
+    (uris.tracking_credentials_to_env), and the URI is redacted again in case of another caller."""
+    return uris.redact(cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def _run_with(cfg: Config, uri: str, output_dir: Path, console, verbose: bool, runner) -> dict:
+    from kfp import components, local
+
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tracking_uri": uri})})
+    console.print(f"MLflow tracking server: {uri}")
+    # The steps run in this virtualenv, not in their images, and cluster settings (GPUs, node pools,
+    # resources) don't apply on one machine: kfp warns about both once per task.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=r"Task '.*': settings \[", category=UserWarning)
+    local.init(runner=runner or local.SubprocessRunner(use_venv=False), pipeline_root=str(output_dir / "artifacts"),
+               workspace_root=str(output_dir / "workspace"))
+    pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
+    view = runview.RunView(output_dir / "logs", runview.dag_tasks(compiled_pipeline_path()), console,
+                           live=console.is_terminal, verbose=verbose)
+    try:
+        with view, redirect_stdout(view), redirect_stderr(view):
+            task = pipeline(config=cfg.to_json(), requested_by=digests.requester())
+    except RuntimeError as exc:
+        step = view.failed()
+        if step is None:
+            raise PipelineFailed(f"the pipeline failed: {exc} (logs in {view.log_dir})") from None
+        raise PipelineFailed(f"step {step.name} failed: {step.detail or 'see its log'}\n"
+                             f"log: {view.log_path(step.name)}") from None
+    summary = summarise(task.outputs, output_dir, uri)
+    summary.update(profile=cfg.name, logs=str(view.log_dir), finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     (output_dir / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
 def _terminate(*_) -> None:
     """SIGTERM (Ctrl-C's batch cousin): stop the task kfp.local is running, then unwind like an exception
-    so the MLflow server this run started stops too. Without this the task would run on, orphaned."""
+    so this run leaves the local MLflow server (stopping it if it was the last client). Without this the task
+    would run on, orphaned."""
     import psutil
 
+    session = os.getsid(0)
     for child in psutil.Process().children(recursive=True):
-        child.terminate()
+        try:
+            # The MLflow server runs in a session of its own and may serve other runs: leaving it is _leave's call.
+            if os.getsid(child.pid) == session:
+                child.terminate()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
     sys.exit(143)
 
 
@@ -94,9 +114,9 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         "report": outputs["report"].path,
         "adapter": outputs["adapter"].path,
         "decision": outputs["decision"].path,
-        "mlflow_run": runs.run_url(tracking_uri, mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id,
-                                   run_id),
-        "tracking_uri": tracking_uri,
+        "mlflow_run": runs.run_url(uris.redact(tracking_uri),
+                                   mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id, run_id),
+        "tracking_uri": uris.redact(tracking_uri),
         "gate": {"passed": decision["passed"], "summary": decision["summary"]},
         "metrics": {"base": comparison["base"], "candidate": comparison["candidate"]},
         "model_version": None,

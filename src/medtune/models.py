@@ -52,8 +52,13 @@ def _locked(path: Path):
         yield
 
 
+def gguf_dir(cfg: ModelConfig) -> Path:
+    """Where the converted GGUF model lives (or will) in the cache."""
+    return cache_root(cfg) / cfg.gguf_file.removesuffix(".gguf")
+
+
 def _converted_gguf(cfg: ModelConfig) -> Path:
-    target = cache_root(cfg) / cfg.gguf_file.removesuffix(".gguf")
+    target = gguf_dir(cfg)
     with _locked(target):
         if (target / "config.json").exists():
             return target
@@ -109,11 +114,18 @@ def _revision(cfg: ModelConfig) -> str | None:
 def hub_commit(cfg: ModelConfig) -> str | None:
     """The commit of the cached Hub snapshot `from_pretrained` loaded (a branch like `main` moves; this
     does not). Read from the cache, never the network; None when the model is not in the cache."""
+    snapshot = hub_snapshot(cfg.id, cfg.revision)
+    return snapshot.name if snapshot else None
+
+
+def hub_snapshot(repo_id: str, revision: str | None, repo_type: str = "model") -> Path | None:
+    """The cached snapshot folder of a Hub repo at `revision` (branch, tag or commit); its name is the commit.
+    Read from the cache, never the network; None when it is not cached."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(cfg.id, revision=cfg.revision, local_files_only=True)).name
+        return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type, local_files_only=True))
     except LocalEntryNotFoundError:
         return None
 

@@ -16,7 +16,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Artifact, Model
 
 from medtune import config as config_mod
-from medtune import images, steps
+from medtune import images, pins, steps
 from medtune.steps import (audit, evaluate, gate, open_run, preprocess, push, register, train,  # noqa: F401
                            validate_data)
 
@@ -27,6 +27,10 @@ COMPILED = ROOT / "pipelines" / "medtune.yaml"
 # which is the PVC's `huggingface/` sub-folder on model tasks.
 HF_CACHE = "/home/medtune/.cache/huggingface"
 HF_TOKEN_KEY = "token"
+# The Hub tokens are files named by $HF_TOKEN_PATH (huggingface_hub reads it), never env vars that every
+# process of the pod inherits; which token a step gets is its spec's `hub_token`.
+HF_TOKEN_DIR = "/var/run/secrets/medtune/hf"
+MLFLOW_CLIENT_LABEL = ("medtune.io/mlflow-client", "true")  # manifests/mlflow/networkpolicy.yaml admits it
 MLFLOW_SECRET_KEYS = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD"}
 
 
@@ -94,16 +98,30 @@ def place(tasks: list, profile: config_mod.Profile, specs: dict[str, steps.StepS
         kubernetes.set_timeout(task, cluster.timeout(spec))
         image = on_gpu_pool(task, cluster) if spec.gpu and cluster.gpu_limit > 0 else on_cpu_pool(task, cluster)
         task.set_env_variable(images.ENV, image)  # the step records the image its pod runs (not a secret)
+        # Where the Secrets go is fixed here, at compile time, not by the run's config parameter (medtune.pins).
+        pod_env(task, pins.ENV, pins.of(profile))
+        if spec.mlflow:
+            kubernetes.add_pod_label(task, *MLFLOW_CLIENT_LABEL)
         if spec.mlflow and cluster.mlflow_secret:
             kubernetes.use_secret_as_env(task, secret_name=cluster.mlflow_secret,
                                          secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
-        if spec.hub_token and cluster.hf_secret:
-            kubernetes.use_secret_as_env(task, secret_name=cluster.hf_secret,
-                                         secret_key_to_env={HF_TOKEN_KEY: profile.hub.token_env}, optional=True)
+        hub_secret = {"write": cluster.hf_secret, "read": cluster.hf_read_secret}.get(spec.hub_token)
+        if hub_secret:
+            kubernetes.use_secret_as_volume(task, secret_name=hub_secret, mount_path=HF_TOKEN_DIR, optional=True)
+            pod_env(task, "HF_TOKEN_PATH", f"{HF_TOKEN_DIR}/{HF_TOKEN_KEY}")
         if spec.model_cache:
             mount_model_cache(task, cluster.model_cache_pvc, profile.model.cache_dir)
         if spec.data_pvc and cluster.data_pvc:
             kubernetes.mount_pvc(task, pvc_name=cluster.data_pvc, mount_path=cluster.data_mount)
+
+
+def pod_env(task, name: str, value: str) -> None:
+    """A constant environment variable in the task's pod only: an annotation of the pod, read back through
+    the downward API. kfp.local applies a task's plain env too, and there a token path or the cluster's
+    pins would override the user's own setup (`hf auth login`, the local MLflow server)."""
+    annotation = f"medtune.io/{name.lower().removeprefix('medtune_').replace('_', '-')}"
+    kubernetes.add_pod_annotation(task, annotation, value)
+    kubernetes.use_field_path_as_env(task, name, f"metadata.annotations['{annotation}']")
 
 
 def on_gpu_pool(task, cluster: config_mod.ClusterConfig) -> str:

@@ -4,21 +4,15 @@ nested run per step, so one run page answers what data, code and config produced
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlflow
 
 from medtune import __version__, digests, images, tags
 from medtune.config import Config
+from medtune.local_server import ServerError, local_server  # noqa: F401 (what `medtune run` starts or joins)
 
 
 def healthy(uri: str) -> bool:
@@ -29,87 +23,10 @@ def healthy(uri: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def usual_port(state_dir: Path) -> int:
-    """A port derived from the store's path (15000-24999): stable across runs and `medtune ui` for one store."""
-    import hashlib
-
-    return 15000 + int(hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest(), 16) % 10000
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        # as the server binds: a port a stopped server left in TIME_WAIT is free for the next one
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def experiments(uri: str) -> list[tuple[str, str]]:
     """(id, name) of the server's active experiments, newest first."""
     found = mlflow.MlflowClient(uri).search_experiments(order_by=["creation_time DESC"])
     return [(e.experiment_id, e.name) for e in found]
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the server and its workers (its own process group); it may already be stopping."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-@contextmanager
-def local_server(state_dir: Path, timeout_s: float = 120, port: int | None = None) -> Iterator[str]:
-    """A real MLflow server on loopback backed by SQLite in `state_dir`; reused if one already serves it.
-
-    Only a server this call started is stopped when it ends. It listens on the store's usual port when that
-    is free, so the links a run printed work again on the server `medtune ui` starts later.
-    """
-    state_dir = state_dir.resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state_file = state_dir / "server.json"
-    if state_file.exists():
-        uri = json.loads(state_file.read_text())["uri"]
-        if healthy(uri):
-            yield uri
-            return
-    port = port or usual_port(state_dir)
-    if not _port_free(port):
-        port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (state_dir / "server.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(state_dir / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # The GenAI job runner forks eight more Python processes; tracking and the registry don't need it.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not healthy(uri):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"MLflow server did not start; see {state_dir / 'server.log'}")
-            time.sleep(0.5)
-        state_file.write_text(json.dumps({"uri": uri, "pid": proc.pid}))
-        yield uri
-    finally:
-        state_file.unlink(missing_ok=True)
-        _stop_group(proc)
-        log.close()
 
 
 def identity(cfg: Config) -> dict[str, str]:

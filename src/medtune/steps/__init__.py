@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Literal
 
 from medtune import quiet
 from medtune.config import RetryPolicy
@@ -39,7 +40,9 @@ class StepSpec:
     name: str  # the task (and component) name; the module is medtune/steps/<name>.py
     display_name: str  # what the KFP UI shows
     gpu: bool = False  # GPU pool: CUDA image, GPU request, the pool's selector and toleration
-    hub_token: bool = False  # the Hugging Face token Secret (Hub downloads or uploads)
+    # The Hugging Face token as a file ($HF_TOKEN_PATH): "write" (cluster.hf_secret) only where the Hub is
+    # written to, "read" (cluster.hf_read_secret, optional) where it is downloaded from, "" none.
+    hub_token: Literal["", "read", "write"] = ""
     model_cache: bool = False  # the model-cache PVC at model.cache_dir (and the Hub's download cache)
     data_pvc: bool = False  # the data PVC at cluster.data_mount (data.path lives there)
     mlflow: bool = True  # the MLflow credentials Secret (every step logs to the run)
@@ -89,7 +92,8 @@ def table(specs_: dict[str, StepSpec] | None = None) -> str:
         step = {"": s.name, "passed": f"{s.name} (if gate passed)", "both": f"{s.name} (both branches)"}[s.branch]
         pvc = ", ".join(p for p, on in (("model cache", s.model_cache), (f"data at {cluster.data_mount}",
                                                                           s.data_pvc)) if on)
-        secrets = ", ".join(n for n, on in (("mlflow", s.mlflow), ("hf", s.hub_token)) if on)
+        hub = {"read": "hf-read (file)", "write": "hf (file)"}.get(s.hub_token, "")
+        secrets = ", ".join(n for n, on in (("mlflow", s.mlflow), (hub, s.hub_token)) if on)
         cells = [step, "cuda" if s.gpu else "cpu", "GPU" if s.gpu else "CPU",
                  res(cluster.gpu_resources if s.gpu else cluster.cpu_resources, s.gpu), pvc, secrets,
                  str(s.retry.retries) if s.retry else "", duration(s.timeout_s)]

@@ -11,7 +11,7 @@ from medtune import config as config_mod
 from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
-SPEC = StepSpec(name="evaluate", display_name="Evaluate candidate vs base vs champion", gpu=True, hub_token=True,
+SPEC = StepSpec(name="evaluate", display_name="Evaluate candidate vs base vs champion", gpu=True, hub_token="read",
                 model_cache=True, timeout_s=3 * 3600, records={"comparison": "comparison"})
 
 

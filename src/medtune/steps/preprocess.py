@@ -10,7 +10,7 @@ from medtune.config import RetryPolicy
 from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
-SPEC = StepSpec(name="preprocess", display_name="Preprocess and split", hub_token=True, model_cache=True,
+SPEC = StepSpec(name="preprocess", display_name="Preprocess and split", hub_token="read", model_cache=True,
                 retry=RetryPolicy(retries=3), timeout_s=3600, records={"splits": "summary"})
 
 

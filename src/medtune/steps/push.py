@@ -9,7 +9,7 @@ from medtune import config as config_mod
 from medtune.config import RetryPolicy
 from medtune.steps import StepSpec, kfp_component
 
-SPEC = StepSpec(name="push", display_name="Push adapter to the Hub", hub_token=True, retry=RetryPolicy(retries=3),
+SPEC = StepSpec(name="push", display_name="Push adapter to the Hub", hub_token="write", retry=RetryPolicy(retries=3),
                 branch="passed", records={"hub": "hub_push"})
 
 

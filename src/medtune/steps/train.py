@@ -10,7 +10,7 @@ from medtune.config import RetryPolicy
 from medtune.steps import StepSpec, kfp_component
 
 # One retry: a lost or preempted GPU node; the retry resumes from the last checkpoint (train.checkpoint_dir).
-SPEC = StepSpec(name="train", display_name="Train LoRA/QLoRA adapter", gpu=True, hub_token=True, model_cache=True,
+SPEC = StepSpec(name="train", display_name="Train LoRA/QLoRA adapter", gpu=True, hub_token="read", model_cache=True,
                 retry=RetryPolicy(retries=1, backoff_s=60), timeout_s=6 * 3600)
 PER_STEP = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_memory_mb", "mfu")
 

@@ -12,7 +12,7 @@ from medtune.config import RetryPolicy
 from medtune import runview
 from medtune.steps import StepSpec, kfp_component
 
-SPEC = StepSpec(name="validate_data", display_name="Validate data", hub_token=True, data_pvc=True,
+SPEC = StepSpec(name="validate_data", display_name="Validate data", hub_token="read", data_pvc=True,
                 retry=RetryPolicy(retries=2), timeout_s=3600, records={"validation": "validation"})
 
 
@@ -23,15 +23,15 @@ def validate(cfg: config_mod.Config, data_dir: str | None, quarantine_path: str,
     from medtune import lineage
     from medtune import validate as validation
 
-    # The source is hashed here because this is the step that can read it (the data PVC on a cluster).
-    source = lineage.source_record(cfg.data.path)
+    # The source is hashed here because this is the step that can read it (the data PVC on a cluster),
+    # after reading it: a Hub dataset is then in the cache, at the commit the rows came from.
     try:
         result = validation.validate(cfg.data, data_tokenizer(cfg))
     except validation.ValidationStopped as stop:
-        stop.validation.summary["source"] = source
+        stop.validation.summary["source"] = lineage.source_record(cfg.data.path, cfg.data.hf_revision)
         _write(stop.validation, None, quarantine_path, report_path, docs_path)
         raise
-    result.summary["source"] = source
+    result.summary["source"] = lineage.source_record(cfg.data.path, cfg.data.hf_revision)
     _write(result, data_dir, quarantine_path, report_path, docs_path)
     return result
 
