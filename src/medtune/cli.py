@@ -224,6 +224,24 @@ def ask(question: str, adapter: Path = typer.Option(None, help="What `train` wro
                    desc="answering")[0])
 
 
+@app.command()
+def serve(model: str = typer.Option("champion", help="Registry alias (champion, challenger), version number, or "
+                                    "`base` for the base model alone."),
+          adapter: Path = typer.Option(None, help="Serve this adapter (or full model) directory instead."),
+          host: str = typer.Option(None, help="Default: serve.host."), port: int = typer.Option(
+              None, help="Default: serve.port."), config: Path = ConfigOpt, set_: list[str] = SetOpt):
+    """Serve the model over an OpenAI-compatible HTTP API until SIGTERM/Ctrl-C (in-flight requests finish)."""
+    from medtune import serve as serving
+
+    cfg = _load(config, set_)
+    try:
+        served = serving.load(cfg, model, adapter.resolve() if adapter else None)
+    except (LookupError, FileNotFoundError) as exc:
+        _fail(str(exc), code=1)
+    serving.run(serving.create_app(served, cfg.serve), host or cfg.serve.host,
+                cfg.serve.port if port is None else port, cfg.serve.drain_timeout_s)
+
+
 @app.command("evaluate")
 def evaluate_cmd(data: Path = typer.Option(..., "--data", help="Dataset the ingest reads (file, folder, ...); "
                                            "its column mapping and kind come from data.* in the profile."),
