@@ -207,6 +207,52 @@ def config_show(config: Path = ConfigOpt, set_: list[str] = SetOpt):
     print(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), end="")
 
 
+KubeHostOpt = typer.Option(None, "--host", help="Kubernetes API server URL (bearer token from $K8S_TOKEN); "
+                           "default: in-cluster config or ~/.kube/config.")
+PollOpt = typer.Option(5.0, "--poll-s", help="Seconds between readiness checks.")
+
+
+def _deploy(cfg: config_mod.Config, host: str | None, version: str, role: str, poll_s: float) -> dict:
+    from medtune import kserve
+
+    try:
+        cluster = kserve.Cluster(kserve.connect(host, os.environ.get("K8S_TOKEN")))
+        result = kserve.deploy(cfg, cluster, version, role, poll_s=poll_s)
+    except kserve.DeployFailed as exc:
+        _fail(str(exc), code=1)
+    console.print(f"{result['namespace']}/{result['name']} serves {result['served_model']} (generation "
+                  f"{result['generation']}, image {result['image_digest']})", highlight=False)
+    print(json.dumps(result))
+    return result
+
+
+@app.command()
+def deploy(version: str = typer.Option(..., help="Registered model version to serve."),
+           role: str = typer.Option("champion", help="champion, or challenger (served beside it)."),
+           host: str = KubeHostOpt, poll_s: float = PollOpt,
+           config: Path = typer.Option(CLUSTER_PROFILE, "--config", "-c", help="Cluster profile."),
+           set_: list[str] = SetOpt):
+    """Serve a registered version on KServe; on failure the previous version keeps serving."""
+    _deploy(_load_cluster(config, set_), host, version, role, poll_s)
+
+
+@app.command()
+def rollback(to: str = typer.Option(..., "--to", help="Registered model version to serve again."),
+             host: str = KubeHostOpt, poll_s: float = PollOpt,
+             config: Path = typer.Option(CLUSTER_PROFILE, "--config", "-c", help="Cluster profile."),
+             set_: list[str] = SetOpt):
+    """Serve an earlier version as the champion again, and move the registry's `champion` alias to it."""
+    cfg = _load_cluster(config, set_)
+    _deploy(cfg, host, to, "champion", poll_s)
+    try:
+        import mlflow
+
+        mlflow.MlflowClient(cfg.tracking.tracking_uri).set_registered_model_alias(cfg.tracking.registered_model, "champion", to)
+        console.print(f"alias champion -> version {to}", highlight=False)
+    except Exception as exc:  # the cluster already serves it; the alias can be moved by hand
+        console.print(f"[yellow]served, but the registry alias was not moved:[/] {exc}", highlight=False)
+
+
 @app.command()
 def ask(question: str, adapter: Path = typer.Option(None, help="What `train` wrote: a LoRA adapter or a full model."),
         config: Path = ConfigOpt, set_: list[str] = SetOpt):
