@@ -399,6 +399,10 @@ class DeployConfig(Strict):
     scale_target: int = Field(80, ge=1, le=100, description="HPA target CPU utilisation (%) between the bounds.")
     max_model_len: int = Field(2048, ge=128)
     service_account: str = "medtune-deployer"
+    # The run-time config does not carry `cluster:`; these two must match it (a Profile checks they do).
+    model_cache_pvc: str = Field("medtune-model-cache", description="The PVC holding base models and staged "
+                                 "adapters (cluster.model_cache_pvc), mounted by KServe at /mnt/models.")
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU (cluster.gpu_resource).")
     ready_timeout_s: int = Field(900, ge=10)
     smoke_question: str = "What are common symptoms of iron deficiency anemia?"
 
@@ -439,6 +443,14 @@ class Profile(Config):
     only (images, pools, resources, PVCs, Secrets, retries, timeouts) and is not part of what a run receives."""
 
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _deploy_matches_cluster(self) -> Profile:
+        for field in ("model_cache_pvc", "gpu_resource"):
+            if getattr(self.deploy, field) != getattr(self.cluster, field):
+                raise ValueError(f"deploy.{field}={getattr(self.deploy, field)} differs from cluster.{field}="
+                                 f"{getattr(self.cluster, field)}: the served model reads what the pipeline wrote")
+        return self
 
     def runtime(self) -> Config:
         return Config.model_validate(self.model_dump(include=set(Config.model_fields)))

@@ -87,7 +87,7 @@ def _quantities(cfg: Config) -> dict:
     r = cfg.deploy.resources
     amounts = {"cpu": r.cpu, "memory": r.memory}
     if r.gpu:
-        amounts[cfg.cluster.gpu_resource] = str(r.gpu)
+        amounts[cfg.deploy.gpu_resource] = str(r.gpu)
     return {"requests": amounts, "limits": dict(amounts)}
 
 
@@ -137,7 +137,7 @@ def inference_service(cfg: Config, version: str, role: str = "champion") -> dict
             "model": {
                 "modelFormat": {"name": MODEL_FORMAT, "version": "1"},
                 "runtime": runtime_name(cfg),
-                "storageUri": f"pvc://{cfg.cluster.model_cache_pvc}/",
+                "storageUri": f"pvc://{cfg.deploy.model_cache_pvc}/",
                 "args": ["--lora-modules", f"{name}={MOUNT}/{adapter_path(cfg, version)}"],
                 "resources": _quantities(cfg),
             },
@@ -288,3 +288,37 @@ def deploy(cfg: Config, cluster: Cluster, version: str, role: str = "champion", 
             "image": cfg.deploy.runtime_image, "image_digest": image_digest(cfg.deploy.runtime_image),
             "url": url, "previous_version": previous_version,
             "smoke": {"question": cfg.deploy.smoke_question, "answer": answer}}
+
+
+def stage_adapter(cfg: Config, version: str, cache_root) -> str:
+    """Copy the registered version's adapter onto the model-cache PVC (mounted at `cache_root`), where the
+    InferenceService's --lora-modules points. Already there: left alone (versions are immutable)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from medtune import champion
+
+    target = Path(cache_root) / adapter_path(cfg, version)
+    if (target / "adapter_config.json").exists():
+        return str(target)
+    with tempfile.TemporaryDirectory(prefix="medtune-deploy-") as tmp:
+        found, info = champion.fetch(cfg.tracking.registered_model, Path(tmp), version)
+        if found is None:
+            raise DeployFailed(info["reason"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{version}-"))
+        shutil.copytree(found.adapter_dir, staging, dirs_exist_ok=True)
+        staging.rename(target)  # whole or not at all: a half-copied adapter would load as a broken model
+    return str(target)
+
+
+def deploy_step(cfg: Config, registration: dict, cache_root) -> dict:
+    """The pipeline's deploy step: a promoted version replaces the champion, a passed one is served as the
+    challenger; or the reason nothing was deployed."""
+    reason = skip_reason(cfg)
+    if reason:
+        return {"deployed": False, "skipped": reason}
+    role = "champion" if registration.get("promoted") else "challenger"
+    stage_adapter(cfg, registration["version"], cache_root)
+    return deploy(cfg, Cluster(connect()), registration["version"], role)
