@@ -1,7 +1,7 @@
 """A STAND-IN for a Kubernetes API server with KServe installed: only the calls `medtune.kserve` makes.
 
 No cluster exists where the tests run. This local HTTP server stores what the official `kubernetes` client
-creates and replaces (ServiceAccount, Role, RoleBinding, ServingRuntime, InferenceService), bumps
+creates and replaces (ServiceAccount, its token Secret, Role, RoleBinding, ServingRuntime, InferenceService), bumps
 `metadata.generation` on a spec change as the API server does, and plays the KServe controller: an
 InferenceService becomes Ready (status.observedGeneration, a Ready condition, address.url) after a few
 polls, unless its model version is listed in `broken` (it then reports the crash a real predictor would).
@@ -17,7 +17,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-CORE = r"/api/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>serviceaccounts)"
+CORE = r"/api/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>serviceaccounts|secrets)"
 RBAC = r"/apis/rbac\.authorization\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>roles|rolebindings)"
 CUSTOM = r"/apis/serving\.kserve\.io/(?P<version>v1alpha1|v1beta1)/namespaces/(?P<ns>[^/]+)/" \
          r"(?P<plural>servingruntimes|inferenceservices)"

@@ -54,8 +54,8 @@ def test_rendered_kserve_objects_validate_against_the_crd_schema(cfg):
     isvc = kserve.inference_service(cfg, "7")
     assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     predictor = isvc["spec"]["predictor"]
-    assert predictor["model"]["args"] == ["--lora-modules",
-                                          "medtune-qwen2.5-0.5b-medqa:7=/mnt/models/adapters/medtune-qwen2.5-0.5b-medqa/7"]
+    name = "medtune-qwen2.5-0.5b-medqa"
+    assert predictor["model"]["args"] == ["--lora-modules", f"{name}:7=/mnt/models/adapters/{name}/7"]
     assert predictor["model"]["storageUri"] == f"pvc://{cfg.cluster.model_cache_pvc}/"
     assert predictor["model"]["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
     runtime = kserve.serving_runtime(cfg)["spec"]["containers"][0]
@@ -80,8 +80,9 @@ def test_the_schema_check_rejects_broken_objects(cfg, damage):
 
 
 def test_rbac_allows_only_kserve_objects_in_its_namespace(cfg):
-    account, role, binding = kserve.rbac(cfg)
-    for obj in (account, role, binding):
+    account, role, binding, token = kserve.rbac(cfg)
+    assert token["metadata"]["annotations"] == {"kubernetes.io/service-account.name": "medtune-deployer"}
+    for obj in (account, role, binding, token):
         kubernetes_validate.validate(obj, "1.30", strict=True)
         assert obj["metadata"]["namespace"] == cfg.deploy.namespace
     assert role["rules"] == [{"apiGroups": ["serving.kserve.io"],
@@ -107,7 +108,7 @@ def test_skip_reasons(cfg, monkeypatch):
 
 
 def _deploy(cfg, kube, version, role="champion"):
-    return kserve.deploy(cfg, kserve.Cluster(kserve.connect(kube.url)), version, role, poll_s=0.01)
+    return kserve.deploy(cfg, kserve.Cluster(kserve.connect(kube.url)), version, role, poll_s=0.01, with_rbac=True)
 
 
 def test_deploy_creates_waits_for_ready_and_asks_the_smoke_question(cfg):
@@ -120,6 +121,7 @@ def test_deploy_creates_waits_for_ready_and_asks_the_smoke_question(cfg):
     calls = [(m, p.split("?")[0]) for m, p, _ in kube.requests]
     isvcs = "/apis/serving.kserve.io/v1beta1/namespaces/medtune/inferenceservices"
     assert ("POST", "/api/v1/namespaces/medtune/serviceaccounts") in calls
+    assert ("POST", "/api/v1/namespaces/medtune/secrets") in calls
     assert ("POST", "/apis/rbac.authorization.k8s.io/v1/namespaces/medtune/roles") in calls
     assert ("POST", "/apis/serving.kserve.io/v1alpha1/namespaces/medtune/servingruntimes") in calls
     assert calls.index(("POST", isvcs)) < calls.index(("POST", "/models/medtune/v1/chat/completions"))
@@ -141,6 +143,15 @@ def test_failed_update_keeps_the_previous_champion_serving(cfg):
     assert isvc["metadata"]["labels"]["medtune/model-version"] == "1"
     assert isvc["spec"] == kserve.inference_service(cfg, "1")["spec"]
     assert isvc["metadata"]["generation"] == 3  # v1, v2, v1 again
+
+
+def test_the_pipeline_step_identity_touches_no_rbac(cfg):
+    """The step runs as the deployer (which may not grant itself rights): RBAC is the admin's, applied once."""
+    with KubeStandIn() as kube:
+        kserve.deploy(cfg, kserve.Cluster(kserve.connect(kube.url)), "1", poll_s=0.01)
+    touched = {p.split("/")[-1].split("?")[0] for _, p, _ in kube.requests}
+    assert not touched & {"serviceaccounts", "secrets", "roles", "rolebindings"}
+    assert {"servingruntimes", "inferenceservices"} <= touched
 
 
 def test_a_failed_smoke_question_restores_the_previous_version(cfg):

@@ -68,7 +68,7 @@ def champion_server(tiny_model_dir, tmp_path_factory):
             reg = registry.register(cfg, run_id, adapter, {"passed": True, "promote": True, "summary": "ok"}, tmp)
         proc, url = _start(["--model", "champion"], _profile(tree, tmp / "profile.yaml"), tmp / "serve.log")
         try:
-            yield {"url": url, "name": f"{cfg.tracking.registered_model}:{reg['version']}",
+            yield {"url": url, "tracking_uri": uri, "name": f"{cfg.tracking.registered_model}:{reg['version']}",
                    "version": reg["version"], "cfg": cfg, "adapter": adapter, "log": tmp / "serve.log",
                    "client": openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)}
         finally:
@@ -248,6 +248,27 @@ def test_metrics_count_requests_latency_and_tokens(champion_server):
     assert _metric(s["url"], "medtune_request_seconds_count", route="/v1/chat/completions") >= 1
     assert _metric(s["url"], "medtune_requests_total", route="/v1/chat/completions", code="200") >= 1
     assert _metric(s["url"], "medtune_requests_in_flight") == 0
+
+
+def test_deploy_step_stages_the_registered_adapter_on_the_pvc(champion_server, tmp_path, monkeypatch):
+    """The deploy step's first half against the real registry: the version's adapter lands where the
+    InferenceService's --lora-modules points; the cluster half is skipped here, and says why."""
+    import mlflow
+
+    from medtune import kserve
+
+    s = champion_server
+    mlflow.set_tracking_uri(s["tracking_uri"])
+    staged = Path(kserve.stage_adapter(s["cfg"], s["version"], tmp_path))
+    assert staged == tmp_path / kserve.adapter_path(s["cfg"], s["version"])
+    assert (staged / "adapter_model.safetensors").read_bytes() == \
+        (s["adapter"] / "adapter_model.safetensors").read_bytes()
+    assert kserve.stage_adapter(s["cfg"], s["version"], tmp_path) == str(staged)  # already there: kept
+    with pytest.raises(kserve.DeployFailed, match="has no version 99"):
+        kserve.stage_adapter(s["cfg"], "99", tmp_path)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert kserve.deploy_step(s["cfg"], {"version": s["version"], "promoted": True}, tmp_path) == {
+        "deployed": False, "skipped": "deploy.enabled is false in the profile"}
 
 
 def test_sigterm_lets_the_request_in_flight_finish(tiny_model_dir, tmp_path):

@@ -217,7 +217,7 @@ def _deploy(cfg: config_mod.Config, host: str | None, version: str, role: str, p
 
     try:
         cluster = kserve.Cluster(kserve.connect(host, os.environ.get("K8S_TOKEN")))
-        result = kserve.deploy(cfg, cluster, version, role, poll_s=poll_s)
+        result = kserve.deploy(cfg, cluster, version, role, poll_s=poll_s, with_rbac=True)
     except kserve.DeployFailed as exc:
         _fail(str(exc), code=1)
     console.print(f"{result['namespace']}/{result['name']} serves {result['served_model']} (generation "
@@ -232,7 +232,8 @@ def deploy(version: str = typer.Option(..., help="Registered model version to se
            host: str = KubeHostOpt, poll_s: float = PollOpt,
            config: Path = typer.Option(CLUSTER_PROFILE, "--config", "-c", help="Cluster profile."),
            set_: list[str] = SetOpt):
-    """Serve a registered version on KServe; on failure the previous version keeps serving."""
+    """Serve a registered version on KServe (applying the deployer's RBAC with your rights); on failure the
+    previous version keeps serving. The adapter must be on the model-cache PVC (the pipeline puts it there)."""
     _deploy(_load_cluster(config, set_), host, version, role, poll_s)
 
 
@@ -247,7 +248,8 @@ def rollback(to: str = typer.Option(..., "--to", help="Registered model version 
     try:
         import mlflow
 
-        mlflow.MlflowClient(cfg.tracking.tracking_uri).set_registered_model_alias(cfg.tracking.registered_model, "champion", to)
+        client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+        client.set_registered_model_alias(cfg.tracking.registered_model, "champion", to)
         console.print(f"alias champion -> version {to}", highlight=False)
     except Exception as exc:  # the cluster already serves it; the alias can be moved by hand
         console.print(f"[yellow]served, but the registry alias was not moved:[/] {exc}", highlight=False)

@@ -5,7 +5,10 @@ Objects (rendered from the profile's `deploy:` and `cluster:` sections):
                                  read from the model-cache PVC (mounted at /mnt/models by storageUri pvc://)
   InferenceService `<name>`      the champion (RawDeployment: a plain Deployment + HPA, no Knative); a
                                  challenger is `<name>-challenger` beside it, under its own served name
-  ServiceAccount/Role/RoleBinding the deployer may manage only these two kinds in its namespace
+  ServiceAccount/Role/RoleBinding the deployer may manage only these two kinds in its namespace; a token
+                                 Secret `<service account>-token` gives the pipeline's deploy step that identity
+                                 (KFP cannot set a service account per task). An admin applies these
+                                 (`medtune deploy` does, with the caller's rights); the step never widens them.
 
 The served model name is `<registered model>:<version>`, as `medtune serve` names it. The adapter must be on
 the PVC at `adapters/<registered model>/<version>` (the pipeline's deploy step puts it there).
@@ -72,7 +75,8 @@ def _base_model(cfg: Config) -> tuple[str, list[dict]]:
     """The `--model` argument for vLLM and the env it needs, both pointing into the PVC."""
     model = cfg.model
     if model.source == "hub":
-        return model.id, [{"name": "HF_HOME", "value": f"{MOUNT}/huggingface"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+        offline = [{"name": "HF_HOME", "value": f"{MOUNT}/huggingface"}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+        return model.id, offline
     if model.source == "pypi_gguf":
         return f"{MOUNT}/{model.gguf_file.removesuffix('.gguf')}", []
     cache = PurePosixPath(model.cache_dir)
@@ -155,10 +159,20 @@ def rbac(cfg: Config) -> list[dict]:
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": cfg.deploy.namespace}]}
     account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(cfg, sa)}
-    return [account, role, binding]
+    token = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+             "metadata": _meta(cfg, token_secret(cfg), annotations={"kubernetes.io/service-account.name": sa})}
+    return [account, role, binding, token]
+
+
+def token_secret(cfg: Config) -> str:
+    return f"{cfg.deploy.service_account}-token"
 
 
 # ---- applying ----------------------------------------------------------------------------------------------
+
+IN_CLUSTER = "https://kubernetes.default.svc"
+POD_CA = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
 
 def connect(host: str | None = None, token: str | None = None):
     """A kubernetes ApiClient: `host` (+ bearer token) when given, in-cluster config in a pod, else kubeconfig."""
@@ -169,6 +183,8 @@ def connect(host: str | None = None, token: str | None = None):
         conf.host = host.rstrip("/")
         if token:
             conf.api_key = {"authorization": f"Bearer {token}"}
+        if host == IN_CLUSTER and os.path.exists(POD_CA):
+            conf.ssl_ca_cert = POD_CA
         return client.ApiClient(conf)
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
@@ -261,13 +277,14 @@ def smoke(url: str, model: str, question: str, timeout_s: float = 120.0) -> str:
 
 
 def deploy(cfg: Config, cluster: Cluster, version: str, role: str = "champion", smoke_url: str | None = None,
-           poll_s: float = 5.0) -> dict:
-    """Apply the runtime and the InferenceService for `version`, wait for Ready, ask the smoke question.
-    On failure the previous spec (if any) is restored and DeployFailed says why."""
+           poll_s: float = 5.0, with_rbac: bool = False) -> dict:
+    """Apply the runtime and the InferenceService for `version` (and the RBAC objects, `with_rbac`), wait for
+    Ready, ask the smoke question. On failure the previous spec (if any) is restored and DeployFailed says why."""
     if role not in ROLES:
         raise ValueError(f"role={role}: one of {ROLES}")
     ns, name = cfg.deploy.namespace, isvc_name(cfg, role)
-    cluster.apply_rbac(rbac(cfg))
+    if with_rbac:
+        cluster.apply_rbac(rbac(cfg))
     cluster.apply(RUNTIME, serving_runtime(cfg))
     previous = cluster.get(ISVC, ns, name)
     previous_version = (previous or {}).get("metadata", {}).get("labels", {}).get("medtune/model-version")
@@ -321,4 +338,7 @@ def deploy_step(cfg: Config, registration: dict, cache_root) -> dict:
         return {"deployed": False, "skipped": reason}
     role = "champion" if registration.get("promoted") else "challenger"
     stage_adapter(cfg, registration["version"], cache_root)
-    return deploy(cfg, Cluster(connect()), registration["version"], role)
+    # The deployer's token (Secret `<service account>-token` as $K8S_TOKEN), not the pipeline runner's rights.
+    token = os.environ.get("K8S_TOKEN")
+    api = connect(IN_CLUSTER, token) if token else connect()
+    return deploy(cfg, Cluster(api), registration["version"], role)

@@ -85,7 +85,8 @@ def _served(cfg: Config, model_cfg: Config, weights: Path | None, name: str, ver
     want_vllm = cfg.serve.engine == "vllm" or (cfg.serve.engine == "auto" and engines.vllm_available())
     if want_vllm:  # pragma: no cover - vLLM needs CUDA
         engine = engines.VllmEngine(models.resolve(model_cfg.model), str(weights) if weights else None, name,
-                                    cfg.serve.max_batch_size, cfg.deploy.max_model_len)
+                                    cfg.serve.max_batch_size,
+                                    max_model_len=cfg.serve.max_prompt_tokens + cfg.serve.max_tokens_limit)
     else:
         model = models.load_trained(model_cfg.model, model_cfg.train, weights) if weights else \
             models.load_model(model_cfg.model, model_cfg.train).to(models.device())
