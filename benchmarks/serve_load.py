@@ -86,7 +86,8 @@ def markdown(result: dict) -> str:
 ## Serving under load (`benchmarks/serve_load.py`)
 
 `{result['command']}`: {result['model']} served by `medtune serve` (transformers engine, dynamic batching:
-max batch {result['serve']['max_batch_size']}, window {result['serve']['batch_window_ms']} ms), each client asking
+max batch {result['serve']['max_batch_size']}, window {result['serve']['batch_window_ms']} ms, torch threads
+{result['serve']['threads'] or 'one per core'}), each client asking
 {result['requests_per_client']} sample questions in turn (greedy, max_tokens {result['max_tokens']}) through the
 `openai` client; medians of {result['repeats']} repetitions. Machine: {m['cpus']} CPUs, {m['platform']}, load
 average {m['load_before']} before and {m['load_after']} after. **The machine is shared with other jobs, so these
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="Questions per client per repetition.")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="serve.threads for the server (default: the profile's).")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "serve_load.json")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"),
                         help="Markdown file whose serving section is regenerated ('' to skip).")
@@ -129,13 +131,15 @@ def main() -> None:
     from medtune import config as config_mod
     from medtune import serve
 
-    cfg = config_mod.load(args.config)
+    overrides = [f"serve.max_batch_size={max(args.clients)}"] + (
+        [f"serve.threads={args.threads}"] if args.threads else [])
+    cfg = config_mod.load(args.config, overrides)
     questions = [json.loads(line)["question"] for line in
                  (ROOT / "data" / "sample" / "medqa_sample.jsonl").read_text().splitlines() if line.strip()]
     port = _free_port()
     served = ["--adapter", str(args.adapter)] if args.adapter else ["--model", "base"]
     server = subprocess.Popen([sys.executable, "-m", "medtune.cli", "serve", *served, "--config", str(args.config),
-                               "--port", str(port), "--set", f"serve.max_batch_size={max(args.clients)}"],
+                               "--port", str(port), *(a for o in overrides for a in ("--set", o))],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     load_before = round(os.getloadavg()[0], 1)
@@ -158,7 +162,8 @@ def main() -> None:
     ratio = results[-1]["tokens_per_s"] / results[0]["tokens_per_s"]
     result = {"command": "benchmarks/serve_load.py " + " ".join(sys.argv[1:]), "model": cfg.model.id + (
         f" + adapter {args.adapter.name}" if args.adapter else ""), "serve": {
-        "max_batch_size": max(args.clients), "batch_window_ms": cfg.serve.batch_window_ms},
+        "max_batch_size": cfg.serve.max_batch_size, "batch_window_ms": cfg.serve.batch_window_ms,
+        "threads": cfg.serve.threads},
         "requests_per_client": args.requests, "max_tokens": args.max_tokens, "repeats": args.repeats,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load_before,
                     "load_after": round(os.getloadavg()[0], 1)},

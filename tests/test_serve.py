@@ -48,7 +48,7 @@ def _start(args: list[str], profile: Path, log: Path) -> tuple[subprocess.Popen,
 
 
 def _profile(tree: dict, path: Path) -> Path:
-    tree["serve"] = {"max_tokens_limit": LIMIT, "default_max_tokens": 16, "max_body_bytes": 4096,
+    tree["serve"] = {"max_tokens_limit": LIMIT, "default_max_tokens": 16, "max_body_bytes": 4096, "threads": 1,
                      "batch_window_ms": 100, "max_batch_size": 8}
     path.write_text(yaml.safe_dump(tree))
     return path

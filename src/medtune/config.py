@@ -279,6 +279,9 @@ class ServeConfig(Strict):
     max_temperature: float = Field(2.0, ge=0.0)
     max_stop: int = Field(4, ge=0, le=16, description="Most stop strings one request may give.")
     max_batch_size: int = Field(8, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads for generation; None: torch's default "
+                                "(one per core). On a CPU shared with other busy jobs 1 can be ~10x faster: each "
+                                "matmul otherwise waits for a descheduled sibling thread.")
     batch_window_ms: float = Field(10.0, ge=0.0, description="How long the first request of a batch waits for "
                                                              "company.")
     max_queue: int = Field(256, ge=1, description="Queued requests beyond this get a 429.")

@@ -149,6 +149,7 @@ class BatchingEngine:
     max_batch_size: int = 8
     window_s: float = 0.01
     max_queue: int = 256
+    threads: int | None = None
     on_batch: Callable[[int], None] | None = None
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _thread: threading.Thread | None = None
@@ -171,6 +172,8 @@ class BatchingEngine:
             self._thread.join()
 
     def _loop(self) -> None:
+        if self.threads:  # set on this thread: it is the one whose matmuls use them
+            torch.set_num_threads(self.threads)
         stopping = False
         while not stopping:
             first = self._queue.get()

@@ -92,7 +92,8 @@ def _served(cfg: Config, model_cfg: Config, weights: Path | None, name: str, ver
             models.load_model(model_cfg.model, model_cfg.train).to(models.device())
         model.config.use_cache = True  # training loads it off; generation wants the KV cache
         engine = engines.BatchingEngine(model, tokenizer, max_batch_size=cfg.serve.max_batch_size,
-                                        window_s=cfg.serve.batch_window_ms / 1000, max_queue=cfg.serve.max_queue)
+                                        window_s=cfg.serve.batch_window_ms / 1000, max_queue=cfg.serve.max_queue,
+                                        threads=cfg.serve.threads)
     log.info("serving %s from %s with %s", name, source, type(engine).__name__)
     return Served(name=name, version=version, source=source, tokenizer=tokenizer, engine=engine,
                   system_prompt=system_prompt(cfg))
