@@ -60,7 +60,8 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
     except local_run.PipelineFailed as exc:
         _fail(str(exc), code=1)
     console.rule("medtune run finished")
-    for key in ("output_dir", "report", "adapter", "decision", "logs", "mlflow_run", "model_version", "hub"):
+    for key in ("output_dir", "report", "adapter", "decision", "logs", "mlflow_run", "model_version", "hub",
+                "deployment"):
         if summary.get(key) is not None:
             console.print(f"[bold]{key:>14}[/]: {summary[key]}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{'gate':>14}[/]: {'PASSED' if summary['gate']['passed'] else 'FAILED'} - "
@@ -376,10 +377,20 @@ def lineage_(run: str = typer.Argument(..., help="Output directory, lineage.json
              ("approved by", record["gate"]["approved_by"]),
              ("model version", f"{record['mlflow']['model_version']} {record['mlflow']['aliases']}"),
              ("hub", f"{hub['repo_id']}@{hub['commit']} {hub.get('tags', [])}" if hub.get("commit")
-                     else hub.get("reason", "not pushed"))]
+                     else hub.get("reason", "not pushed")),
+             ("deployment", _deployment_line(record.get("deployment")))]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         console.print(f"[bold]{key:>{width}}[/]: {value}", highlight=False, soft_wrap=True)
+
+
+def _deployment_line(deployment: dict | None) -> str:
+    if not deployment:
+        return "not deployed (gate failed)"
+    if not deployment.get("deployed"):
+        return f"skipped: {deployment.get('skipped')}"
+    return (f"{deployment['namespace']}/{deployment['name']} generation {deployment['generation']} serves "
+            f"{deployment['served_model']}, runtime {deployment['image_digest']}")
 
 
 @app.command()
