@@ -56,7 +56,7 @@ def test_rendered_kserve_objects_validate_against_the_crd_schema(cfg):
     predictor = isvc["spec"]["predictor"]
     name = "medtune-qwen2.5-0.5b-medqa"
     assert predictor["model"]["args"] == ["--lora-modules", f"{name}:7=/mnt/models/adapters/{name}/7"]
-    assert predictor["model"]["storageUri"] == f"pvc://{cfg.cluster.model_cache_pvc}/"
+    assert predictor["model"]["storageUri"] == f"pvc://{cfg.deploy.model_cache_pvc}/"
     assert predictor["model"]["resources"]["limits"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
     runtime = kserve.serving_runtime(cfg)["spec"]["containers"][0]
     assert runtime["image"] == IMAGE and "--enable-lora" in runtime["args"]

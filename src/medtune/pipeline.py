@@ -1,7 +1,8 @@
-"""The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> register -> push -> audit.
+"""The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> register -> push -> deploy ->
+audit.
 
-The gate decides the branch: a passing run is registered, pushed, then audited; a failing one is audited
-only. Either way the run ends with its audit record (lineage.json).
+The gate decides the branch: a passing run is registered, pushed, deployed (KServe), then audited; a failing
+one is audited only. Either way the run ends with its audit record (lineage.json).
 
 The pipeline function reads as the picture in the README; `place` then applies each task's step spec
 (medtune/steps/<task>.py: display name, pool, Secrets, PVCs, default retries and timeout) and the profile's
@@ -17,7 +18,7 @@ from kfp.dsl import HTML, Artifact, Model
 
 from medtune import config as config_mod
 from medtune import images, steps
-from medtune.steps import (audit, evaluate, gate, open_run, preprocess, push, register, train,  # noqa: F401
+from medtune.steps import (audit, deploy, evaluate, gate, open_run, preprocess, push, register, train,  # noqa: F401
                            validate_data)
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: profiles under configs/, the IR under pipelines/
@@ -62,12 +63,15 @@ def build(profile: config_mod.Profile):
                                     decision=verdict.outputs["decision"], comparison=scored.outputs["comparison"],
                                     splits=splits.outputs["summary"], validation=data.outputs["validation"],
                                     registration=registered.outputs["registration"])
-            audited = audit.component([*done, registered, pushed])
-            promoted = audited(config=config, run_id=run_id, **audit.evidence([*done, registered, pushed]))
+            deployed = deploy.component(config=config, run_id=run_id, registration=registered.outputs["registration"])
+            deployed.after(pushed)  # served once registry and Hub both hold it
+            audited = audit.component([*done, registered, pushed, deployed])
+            promoted = audited(config=config, run_id=run_id,
+                               **audit.evidence([*done, registered, pushed, deployed]))
         with dsl.Else():
             rejected = audited(config=config, run_id=run_id, **audit.evidence(done))
 
-        place([run, *done, registered, pushed, promoted, rejected], profile)
+        place([run, *done, registered, pushed, deployed, promoted, rejected], profile)
         return Outputs(run_id=run_id, passed=verdict.outputs["Output"], decision=verdict.outputs["decision"],
                        report=verdict.outputs["report"], adapter=trained.outputs["adapter"],
                        comparison=scored.outputs["comparison"])
@@ -99,6 +103,9 @@ def place(tasks: list, profile: config_mod.Profile, specs: dict[str, steps.StepS
         if spec.hub_token and cluster.hf_secret:
             kubernetes.use_secret_as_env(task, secret_name=cluster.hf_secret,
                                          secret_key_to_env={HF_TOKEN_KEY: profile.hub.token_env}, optional=True)
+        if spec.deployer_token:
+            kubernetes.use_secret_as_env(task, secret_name=f"{profile.deploy.service_account}-token",
+                                         secret_key_to_env={"token": "K8S_TOKEN"}, optional=True)
         if spec.model_cache:
             mount_model_cache(task, cluster.model_cache_pvc, profile.model.cache_dir)
         if spec.data_pvc and cluster.data_pvc:
