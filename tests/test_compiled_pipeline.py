@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ROOT / "pipelines" / "medtune.yaml"
 PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
 TASKS = ("open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
-         "audit", "audit_2")
+         "deploy", "audit", "audit_2")
 SPECS = steps.specs()
 
 
@@ -87,15 +87,20 @@ def test_secrets_are_referenced_by_name_with_no_values(compiled, cfg):
     mlflow = {"secretName": "medtune-mlflow", "optional": True,
               "keyToEnv": [{"envVar": "MLFLOW_TRACKING_USERNAME", "secretKey": "username"},
                            {"envVar": "MLFLOW_TRACKING_PASSWORD", "secretKey": "password"}]}
+    deployer = {"secretName": "medtune-deployer-token", "optional": True,
+                "keyToEnv": [{"envVar": "K8S_TOKEN", "secretKey": "token"}]}
     for name, t in compiled["tasks"].items():
         refs = t["k8s"]["secretAsEnv"]
         # A reference holds the Secret's name, its keys and env var names: there is no field for a value.
         assert all(set(ref) == {"secretName", "secretNameParameter", "keyToEnv", "optional"} for ref in refs)
         assert all(ref["secretNameParameter"] == {"runtimeValue": {"constant": ref["secretName"]}} for ref in refs)
         found = [{k: ref[k] for k in ("secretName", "optional", "keyToEnv")} for ref in refs]
-        assert found == [mlflow], f"{name}: only the MLflow login is in the environment"
+        # the MLflow login; the deploy step also acts on the cluster as the deployer (kserve.rbac), not with the
+        # pipeline runner's rights
+        assert found == [mlflow] + [deployer] * spec_of(name).deployer_token, name
         # the only plain env: the image the pod runs, which the step records (Secrets come by reference)
         assert t["container"]["env"] == [{"name": "MEDTUNE_IMAGE", "value": t["container"]["image"]}], name
+    assert {name for name, spec in SPECS.items() if spec.deployer_token} == {"deploy"}
     assert not re.search(r"^kind: Secret", compiled["text"], re.M)
 
 
@@ -164,14 +169,14 @@ def test_retries_and_timeouts_as_the_steps_declare(compiled, cfg):
 
 def test_no_task_is_cached(compiled):
     # a cached step would skip its MLflow logging and could reuse the validation of changed data
-    assert len(compiled["tasks"]) == 10
+    assert len(compiled["tasks"]) == 11
     assert all(t["task"]["cachingOptions"] == {} for t in compiled["tasks"].values())
 
 
 def test_gate_branches_register_push_and_audit_or_audit_only(compiled):
     spec = compiled["spec"]
     root = spec["root"]["dag"]["tasks"]
-    assert not {"register", "push", "audit"} & set(root)
+    assert not {"register", "push", "deploy", "audit"} & set(root)
     branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
     passed = "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
     assert branches["condition-2"]["triggerPolicy"]["condition"] == passed
@@ -179,14 +184,15 @@ def test_gate_branches_register_push_and_audit_or_audit_only(compiled):
     assert root["condition-branches-1"]["inputs"]["parameters"]["pipelinechannel--gate-Output"][
         "taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "gate"}
     promoted = spec["components"]["comp-condition-2"]["dag"]["tasks"]
-    assert set(promoted) == {"register", "push", "audit"}
+    assert set(promoted) == {"register", "push", "deploy", "audit"}  # deploy only when the gate passed
     assert set(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == {"audit-2"}
     # The DAG order: each step consumes the previous one's outputs.
     assert set(root["train"]["dependentTasks"]) >= {"preprocess"}
     assert set(root["evaluate"]["dependentTasks"]) >= {"train", "preprocess"}
     assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "train"}
     assert promoted["push"]["dependentTasks"] == ["register"], "the Hub tag names the registered version"
-    assert sorted(promoted["audit"]["dependentTasks"]) == ["push", "register"]
+    assert sorted(promoted["deploy"]["dependentTasks"]) == ["push", "register"], "served once registered and pushed"
+    assert sorted(promoted["audit"]["dependentTasks"]) == ["deploy", "push", "register"]
 
 
 def test_audit_receives_every_artifact_of_the_run(compiled):
@@ -205,7 +211,7 @@ def test_audit_receives_every_artifact_of_the_run(compiled):
     rejected = sources(compiled["tasks"]["audit_2"]["task"])
     assert rejected == {f"{task}-{key}" for task, key in produced}
     promoted = sources(compiled["tasks"]["audit"]["task"])
-    assert promoted == rejected | {"register-registration", "push-hub_push"}
+    assert promoted == rejected | {"register-registration", "push-hub_push", "deploy-deployment"}
 
 
 def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
@@ -213,7 +219,8 @@ def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
     assert cfg.data.path.startswith(cfg.cluster.data_mount + "/")  # the data PVC holds data.path
     for name, t in compiled["tasks"].items():
         mounts = [(m["constant"], m["mountPath"], m.get("subPath", "")) for m in t["k8s"].get("pvcMount", [])]
-        assert spec_of(name).model_cache == (name in ("preprocess", "train", "evaluate", "audit", "audit_2"))
+        assert spec_of(name).model_cache == (name in ("preprocess", "train", "evaluate", "deploy", "audit",
+                                                      "audit_2"))
         if spec_of(name).model_cache:
             assert mounts == [("medtune-model-cache", "/models", ""),
                               ("medtune-model-cache", pipeline_mod.HF_CACHE, "huggingface")]

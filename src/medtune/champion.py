@@ -45,18 +45,22 @@ def _not_found(exc: MlflowException) -> bool:
     return exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower()
 
 
-def lookup(registered_model: str) -> dict:
-    """The champion's version record, or why there is none. Errors other than "not found" propagate."""
+def lookup(registered_model: str, ref: str = ALIAS) -> dict:
+    """The version record for an alias (default `champion`) or a version number, or why there is none.
+    Errors other than "not found" propagate."""
     client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(registered_model, ALIAS)
+        version = client.get_model_version(registered_model, ref) if ref.isdigit() else \
+            client.get_model_version_by_alias(registered_model, ref)
     except MlflowException as exc:
         if _not_found(exc):
+            reason = f"{registered_model} has no version {ref}" if ref.isdigit() else \
+                f"no version of {registered_model} has alias '{ref}'"
             return {"available": False, "name": registered_model, "version": None, "run_id": None,
-                    "alias": ALIAS, "reason": f"no version of {registered_model} has alias '{ALIAS}'"}
+                    "alias": ref, "reason": reason}
         raise
     return {"available": True, "name": registered_model, "version": str(version.version),
-            "run_id": version.run_id or version.tags.get(tags.RUN_ID), "alias": ALIAS, "reason": "",
+            "run_id": version.run_id or version.tags.get(tags.RUN_ID), "alias": ref, "reason": "",
             "base_model": version.tags.get(tags.BASE_MODEL),
             "base_model_revision": version.tags.get(tags.BASE_MODEL_REVISION)}
 
@@ -72,9 +76,11 @@ def other_base(info: dict, base: config_mod.ModelConfig) -> str | None:
             "from the profile, never from the registry)")
 
 
-def fetch(registered_model: str, dest: Path, base: config_mod.ModelConfig) -> tuple[Champion | None, dict]:
-    """Download the champion's weights under `dest`; (None, why) when there is none on the profile's base."""
-    info = lookup(registered_model)
+def fetch(registered_model: str, dest: Path, base: config_mod.ModelConfig, ref: str = ALIAS
+          ) -> tuple[Champion | None, dict]:
+    """Download the weights of the version `ref` names (alias or number, default the champion) under `dest`;
+    (None, why) when there is no such version on the profile's base."""
+    info = lookup(registered_model, ref)
     if not info["available"]:
         return None, info
     reason = other_base(info, base)
@@ -98,7 +104,7 @@ def fetch(registered_model: str, dest: Path, base: config_mod.ModelConfig) -> tu
                              f"({', '.join(pickled)}); loading them would run code, so the champion is refused")
     champion = Champion(name=registered_model, version=info["version"], run_id=info["run_id"],
                         adapter_dir=weights[0])
-    return champion, {**info, **champion.info()}
+    return champion, {**info, **champion.info(), "alias": ref}
 
 
 def resolve(cfg: config_mod.Config, dest: Path) -> tuple[Champion | None, dict]:

@@ -68,7 +68,8 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
     except local_run.PipelineFailed as exc:
         _fail(str(exc), code=1)
     console.rule("medtune run finished")
-    for key in ("output_dir", "report", "adapter", "decision", "logs", "mlflow_run", "model_version", "hub"):
+    for key in ("output_dir", "report", "adapter", "decision", "logs", "mlflow_run", "model_version", "hub",
+                "deployment"):
         if summary.get(key) is not None:
             console.print(f"[bold]{key:>14}[/]: {summary[key]}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{'gate':>14}[/]: {'PASSED' if summary['gate']['passed'] else 'FAILED'} - "
@@ -215,6 +216,54 @@ def config_show(config: Path = ConfigOpt, set_: list[str] = SetOpt):
     print(yaml.safe_dump(tree, sort_keys=False, allow_unicode=True), end="")
 
 
+KubeHostOpt = typer.Option(None, "--host", help="Kubernetes API server URL (bearer token from $K8S_TOKEN); "
+                           "default: in-cluster config or ~/.kube/config.")
+PollOpt = typer.Option(5.0, "--poll-s", help="Seconds between readiness checks.")
+
+
+def _deploy(cfg: config_mod.Config, host: str | None, version: str, role: str, poll_s: float) -> dict:
+    from medtune import kserve
+
+    try:
+        cluster = kserve.Cluster(kserve.connect(host, os.environ.get("K8S_TOKEN")))
+        result = kserve.deploy(cfg, cluster, version, role, poll_s=poll_s, with_rbac=True)
+    except kserve.DeployFailed as exc:
+        _fail(str(exc), code=1)
+    console.print(f"{result['namespace']}/{result['name']} serves {result['served_model']} (generation "
+                  f"{result['generation']}, image {result['image_digest']})", highlight=False)
+    print(json.dumps(result))
+    return result
+
+
+@app.command()
+def deploy(version: str = typer.Option(..., help="Registered model version to serve."),
+           role: str = typer.Option("champion", help="champion, or challenger (served beside it)."),
+           host: str = KubeHostOpt, poll_s: float = PollOpt,
+           config: Path = typer.Option(CLUSTER_PROFILE, "--config", "-c", help="Cluster profile."),
+           set_: list[str] = SetOpt):
+    """Serve a registered version on KServe (applying the deployer's RBAC with your rights); on failure the
+    previous version keeps serving. The adapter must be on the model-cache PVC (the pipeline puts it there)."""
+    _deploy(_load_cluster(config, set_), host, version, role, poll_s)
+
+
+@app.command()
+def rollback(to: str = typer.Option(..., "--to", help="Registered model version to serve again."),
+             host: str = KubeHostOpt, poll_s: float = PollOpt,
+             config: Path = typer.Option(CLUSTER_PROFILE, "--config", "-c", help="Cluster profile."),
+             set_: list[str] = SetOpt):
+    """Serve an earlier version as the champion again, and move the registry's `champion` alias to it."""
+    cfg = _load_cluster(config, set_)
+    _deploy(cfg, host, to, "champion", poll_s)
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+        client.set_registered_model_alias(cfg.tracking.registered_model, "champion", to)
+        console.print(f"alias champion -> version {to}", highlight=False)
+    except Exception as exc:  # the cluster already serves it; the alias can be moved by hand
+        console.print(f"[yellow]served, but the registry alias was not moved:[/] {exc}", highlight=False)
+
+
 @app.command()
 def ask(question: str, adapter: Path = typer.Option(None, help="What `train` wrote: a LoRA adapter or a full model."),
         config: Path = ConfigOpt, set_: list[str] = SetOpt):
@@ -230,6 +279,24 @@ def ask(question: str, adapter: Path = typer.Option(None, help="What `train` wro
     prompt = render_prompt(tokenizer, cfg.preprocess.system_prompt, question)
     print(generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=cfg.eval.max_new_tokens,
                    desc="answering")[0])
+
+
+@app.command()
+def serve(model: str = typer.Option("champion", help="Registry alias (champion, challenger), version number, or "
+                                    "`base` for the base model alone."),
+          adapter: Path = typer.Option(None, help="Serve this adapter (or full model) directory instead."),
+          host: str = typer.Option(None, help="Default: serve.host."), port: int = typer.Option(
+              None, help="Default: serve.port."), config: Path = ConfigOpt, set_: list[str] = SetOpt):
+    """Serve the model over an OpenAI-compatible HTTP API until SIGTERM/Ctrl-C (in-flight requests finish)."""
+    from medtune import serve as serving
+
+    cfg = _load(config, set_)
+    try:
+        served = serving.load(cfg, model, adapter.resolve() if adapter else None)
+    except (LookupError, FileNotFoundError) as exc:
+        _fail(str(exc), code=1)
+    serving.run(serving.create_app(served, cfg.serve), host or cfg.serve.host,
+                cfg.serve.port if port is None else port, cfg.serve.drain_timeout_s)
 
 
 @app.command("evaluate")
@@ -318,10 +385,20 @@ def lineage_(run: str = typer.Argument(..., help="Output directory, lineage.json
              ("approved by", record["gate"]["approved_by"]),
              ("model version", f"{record['mlflow']['model_version']} {record['mlflow']['aliases']}"),
              ("hub", f"{hub['repo_id']}@{hub['commit']} {hub.get('tags', [])}" if hub.get("commit")
-                     else hub.get("reason", "not pushed"))]
+                     else hub.get("reason", "not pushed")),
+             ("deployment", _deployment_line(record.get("deployment")))]
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         console.print(f"[bold]{key:>{width}}[/]: {value}", highlight=False, soft_wrap=True)
+
+
+def _deployment_line(deployment: dict | None) -> str:
+    if not deployment:
+        return "not deployed (gate failed)"
+    if not deployment.get("deployed"):
+        return f"skipped: {deployment.get('skipped')}"
+    return (f"{deployment['namespace']}/{deployment['name']} generation {deployment['generation']} serves "
+            f"{deployment['served_model']}, runtime {deployment['image_digest']}")
 
 
 @app.command()

@@ -336,6 +336,56 @@ class HubConfig(Strict):
     _bare_uri = field_validator("endpoint")(_no_credentials)
 
 
+class ServeConfig(Strict):
+    """`medtune serve`: bounds on what one request may ask and how concurrent requests are batched."""
+
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM where it is installed and CUDA is present, transformers elsewhere.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    system_prompt: str | None = Field(None, description="None: preprocess.system_prompt (what the model was "
+                                                        "trained with), followed by `disclaimer`.")
+    disclaimer: str = Field(
+        "This is general health information, not medical advice; consult a qualified clinician about your "
+        "own situation.", min_length=1)
+    default_max_tokens: int = Field(128, ge=1)
+    max_tokens_limit: int = Field(512, ge=1, description="A request asking for more gets a 400.")
+    max_prompt_tokens: int = Field(1024, ge=16, description="A longer rendered prompt gets a 400.")
+    default_temperature: float = Field(0.0, ge=0.0, description="0 is greedy (what the gate evaluated).")
+    max_temperature: float = Field(2.0, ge=0.0)
+    max_stop: int = Field(4, ge=0, le=16, description="Most stop strings one request may give.")
+    max_batch_size: int = Field(8, ge=1)
+    threads: int | None = Field(None, ge=1, description="torch threads for generation; None: torch's default "
+                                "(one per core). On a CPU shared with other busy jobs 1 can be ~10x faster: each "
+                                "matmul otherwise waits for a descheduled sibling thread.")
+    batch_window_ms: float = Field(10.0, ge=0.0, description="How long the first request of a batch waits for "
+                                                             "company.")
+    max_queue: int = Field(256, ge=1, description="Queued requests beyond this get a 429.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="A larger request body gets a 413.")
+    drain_timeout_s: float = Field(60.0, gt=0, description="On SIGTERM, how long in-flight requests may finish.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} is above "
+                             f"max_tokens_limit={self.max_tokens_limit}")
+        if self.default_temperature > self.max_temperature:
+            raise ValueError(f"default_temperature={self.default_temperature} is above "
+                             f"max_temperature={self.max_temperature}")
+        return self
+
+TaskName = Literal["open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
+                   "audit"]
+# repository[:port/path]:tag[@sha256:digest]; a tag is required and `latest` is refused (not a pin).
+IMAGE_REF = r"^[a-z0-9][a-z0-9._/:-]*?:([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(@sha256:[0-9a-f]{64})?$"
+
+
+def _default_image(kind: str) -> str:
+    from medtune import images
+
+    return images.CPU_IMAGE if kind == "cpu" else images.GPU_IMAGE
+
+
 class Resources(Strict):
     cpu: str = Field(pattern=r"^\d+(\.\d+)?m?$", description="Kubernetes CPU quantity (request = limit).")
     memory: str = Field(pattern=r"^\d+(Ki|Mi|Gi|Ti)$", description="Kubernetes memory quantity (request = limit).")
@@ -408,6 +458,45 @@ class ClusterConfig(Strict):
         return self
 
 
+# A runtime image must name its content: repository[:tag]@sha256:<digest>.
+DIGEST_REF = r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$"
+
+
+class DeployResources(Resources):
+    gpu: int = Field(1, ge=0, description="GPUs per replica (cluster.gpu_resource); 0 serves on CPU.")
+
+
+class DeployConfig(Strict):
+    """The `deploy` step: a KServe InferenceService (RawDeployment) serving the registered adapter."""
+
+    enabled: bool = Field(False, description="False: the step records that it skipped, and why.")
+    namespace: str = Field("medtune", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field("medtune", pattern=r"^[a-z]([-a-z0-9]{0,40}[a-z0-9])?$",
+                      description="InferenceService of the champion; a challenger is `<name>-challenger`.")
+    runtime_image: str | None = Field(None, pattern=DIGEST_REF, description="vLLM OpenAI server image, pinned by "
+                                                                            "digest; required when enabled.")
+    resources: DeployResources = DeployResources(cpu="4", memory="16Gi")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    scale_target: int = Field(80, ge=1, le=100, description="HPA target CPU utilisation (%) between the bounds.")
+    max_model_len: int = Field(2048, ge=128)
+    service_account: str = "medtune-deployer"
+    # The run-time config does not carry `cluster:`; these two must match it (a Profile checks they do).
+    model_cache_pvc: str = Field("medtune-model-cache", description="The PVC holding base models and staged "
+                                 "adapters (cluster.model_cache_pvc), mounted by KServe at /mnt/models.")
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU (cluster.gpu_resource).")
+    ready_timeout_s: int = Field(900, ge=10)
+    smoke_question: str = "What are common symptoms of iron deficiency anemia?"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeployConfig:
+        if self.enabled and not self.runtime_image:
+            raise ValueError("deploy.enabled needs deploy.runtime_image (pinned by @sha256 digest)")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        return self
+
+
 class Config(Strict):
     """The run-time config: the compiled pipeline's `config` parameter, which a run may change field by field."""
 
@@ -420,6 +509,8 @@ class Config(Strict):
     gate: GateConfig
     tracking: TrackingConfig = TrackingConfig()
     hub: HubConfig = HubConfig()
+    serve: ServeConfig = ServeConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @model_validator(mode="after")
     def _rules_fit(self) -> Config:
@@ -461,6 +552,14 @@ class Profile(Config):
     only (images, pools, resources, PVCs, Secrets, retries, timeouts) and is not part of what a run receives."""
 
     cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _deploy_matches_cluster(self) -> Profile:
+        for field in ("model_cache_pvc", "gpu_resource"):
+            if getattr(self.deploy, field) != getattr(self.cluster, field):
+                raise ValueError(f"deploy.{field}={getattr(self.deploy, field)} differs from cluster.{field}="
+                                 f"{getattr(self.cluster, field)}: the served model reads what the pipeline wrote")
+        return self
 
     def runtime(self) -> Config:
         return Config.model_validate(self.model_dump(include=set(Config.model_fields)))

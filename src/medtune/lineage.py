@@ -26,6 +26,8 @@ Schema `medtune.lineage/3` (bump the number on any incompatible change; `verify`
   gate       {passed, promote, summary, approved_by}
   mlflow     {tracking_uri, run_id, model_version, model_uri, aliases}
   hub        the push step's result (repo, commit, tags) or null when the gate did not pass
+  deployment the deploy step's result: {deployed, name, namespace, generation, image, image_digest,
+             served_model, ...} or {deployed: false, skipped: why}; null when the gate did not pass
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
                    "model_uri": registration["model_uri"] if registration else None,
                    "aliases": registration["aliases"] if registration else []},
         "hub": documents.get("hub"),
+        "deployment": documents.get("deployment"),
     }
 
 

@@ -121,17 +121,19 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         "metrics": {"base": comparison["base"], "candidate": comparison["candidate"]},
         "model_version": None,
         "hub": None,
+        "deployment": None,
     }
-    # register and push ran only if the gate passed; their outputs say what they did.
+    # register, push and deploy ran only if the gate passed; their outputs say what they did.
     tasks = Path(outputs["decision"].path).parents[1]  # this pipeline run's folder: <root>/<run>/<task>/...
     registration = next(tasks.glob("register/registration"), None)
     if registration:
         registered = json.loads(registration.read_text())
         summary["model_version"] = f"{registered['name']}/{registered['version']}"
         summary["registration"] = registered
-    push = next(tasks.glob("push/hub_push"), None)
-    if push:
-        summary["hub"] = json.loads(push.read_text())
+    for key, found in (("hub", "push/hub_push"), ("deployment", "deploy/deployment")):
+        path = next(tasks.glob(found), None)
+        if path:
+            summary[key] = json.loads(path.read_text())
     # The audit step (`audit` or `audit-2`, one per gate branch) wrote the record; keep a copy at the top
     # of the output directory, where `medtune lineage` and `medtune verify` look for it.
     summary["lineage"] = str(shutil.copyfile(next(tasks.glob("audit*/lineage")), output_dir / lineage.FILENAME))

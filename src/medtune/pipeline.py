@@ -1,7 +1,8 @@
-"""The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> register -> push -> audit.
+"""The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> register -> push -> deploy ->
+audit.
 
-The gate decides the branch: a passing run is registered, pushed, then audited; a failing one is audited
-only. Either way the run ends with its audit record (lineage.json).
+The gate decides the branch: a passing run is registered, pushed, deployed (KServe), then audited; a failing
+one is audited only. Either way the run ends with its audit record (lineage.json).
 
 The pipeline function reads as the picture in the README; `place` then applies each task's step spec
 (medtune/steps/<task>.py: display name, pool, Secrets, PVCs, default retries and timeout) and the profile's
@@ -17,7 +18,7 @@ from kfp.dsl import HTML, Artifact, Model
 
 from medtune import config as config_mod
 from medtune import images, pins, steps
-from medtune.steps import (audit, evaluate, gate, open_run, preprocess, push, register, train,  # noqa: F401
+from medtune.steps import (audit, deploy, evaluate, gate, open_run, preprocess, push, register, train,  # noqa: F401
                            validate_data)
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: profiles under configs/, the IR under pipelines/
@@ -67,12 +68,15 @@ def build(profile: config_mod.Profile):
                                     decision=verdict.outputs["decision"], comparison=scored.outputs["comparison"],
                                     splits=splits.outputs["summary"], validation=data.outputs["validation"],
                                     registration=registered.outputs["registration"])
-            audited = audit.component([*done, registered, pushed])
-            promoted = audited(config=config, run_id=run_id, **audit.evidence([*done, registered, pushed]))
+            deployed = deploy.component(config=config, run_id=run_id, registration=registered.outputs["registration"])
+            deployed.after(pushed)  # served once registry and Hub both hold it
+            audited = audit.component([*done, registered, pushed, deployed])
+            promoted = audited(config=config, run_id=run_id,
+                               **audit.evidence([*done, registered, pushed, deployed]))
         with dsl.Else():
             rejected = audited(config=config, run_id=run_id, **audit.evidence(done))
 
-        place([run, *done, registered, pushed, promoted, rejected], profile)
+        place([run, *done, registered, pushed, deployed, promoted, rejected], profile)
         return Outputs(run_id=run_id, passed=verdict.outputs["Output"], decision=verdict.outputs["decision"],
                        report=verdict.outputs["report"], adapter=trained.outputs["adapter"],
                        comparison=scored.outputs["comparison"])
@@ -109,6 +113,9 @@ def place(tasks: list, profile: config_mod.Profile, specs: dict[str, steps.StepS
         if hub_secret:
             kubernetes.use_secret_as_volume(task, secret_name=hub_secret, mount_path=HF_TOKEN_DIR, optional=True)
             pod_env(task, "HF_TOKEN_PATH", f"{HF_TOKEN_DIR}/{HF_TOKEN_KEY}")
+        if spec.deployer_token:
+            kubernetes.use_secret_as_env(task, secret_name=f"{profile.deploy.service_account}-token",
+                                         secret_key_to_env={"token": "K8S_TOKEN"}, optional=True)
         if spec.model_cache:
             mount_model_cache(task, cluster.model_cache_pvc, profile.model.cache_dir)
         if spec.data_pvc and cluster.data_pvc:

@@ -30,7 +30,7 @@ quiet.library_noise_off()  # steps run in their own processes: this is where the
 
 # The step modules in DAG order (the order of the README's table).
 STEP_MODULES = ("open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
-                "audit")
+                "deploy", "audit")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class StepSpec:
     model_cache: bool = False  # the model-cache PVC at model.cache_dir (and the Hub's download cache)
     data_pvc: bool = False  # the data PVC at cluster.data_mount (data.path lives there)
     mlflow: bool = True  # the MLflow credentials Secret (every step logs to the run)
+    deployer_token: bool = False  # the KServe deployer's token Secret (medtune.kserve.rbac), not the runner's rights
     retry: RetryPolicy | None = None  # default retry policy; None: a failure fails the run
     timeout_s: int = 1800  # default wall-clock limit of the pod
     branch: str = ""  # "passed": runs only when the gate passed; "both": once in each branch of the gate
@@ -93,7 +94,8 @@ def table(specs_: dict[str, StepSpec] | None = None) -> str:
         pvc = ", ".join(p for p, on in (("model cache", s.model_cache), (f"data at {cluster.data_mount}",
                                                                           s.data_pvc)) if on)
         hub = {"read": "hf-read (file)", "write": "hf (file)"}.get(s.hub_token, "")
-        secrets = ", ".join(n for n, on in (("mlflow", s.mlflow), (hub, s.hub_token)) if on)
+        secrets = ", ".join(n for n, on in (("mlflow", s.mlflow), (hub, s.hub_token),
+                                            ("deployer token", s.deployer_token)) if on)
         cells = [step, "cuda" if s.gpu else "cpu", "GPU" if s.gpu else "CPU",
                  res(cluster.gpu_resources if s.gpu else cluster.cpu_resources, s.gpu), pvc, secrets,
                  str(s.retry.retries) if s.retry else "", duration(s.timeout_s)]
