@@ -84,8 +84,12 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
 @app.command()
 def ui(port: int = typer.Option(None, help="Port of a server this starts (default: the store's usual one).")):
     """Start (or reuse) the local MLflow server on the store `medtune run` uses; print the experiment's URL."""
+    import signal
+
     from medtune import local_run, runs, tracking
 
+    # SIGTERM unwinds like Ctrl-C, so the server this started is stopped rather than orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tracking.local_server(local_run.MLFLOW_DIR, port=port) as uri:
         experiments = tracking.experiments(uri)
         for experiment_id, name in experiments:
