@@ -23,7 +23,8 @@ app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 
 DEFAULT_PROFILE = Path("configs/local.yaml")
-ConfigOpt = typer.Option(DEFAULT_PROFILE, "--config", "-c", help="YAML profile.")
+ConfigOpt = typer.Option(DEFAULT_PROFILE, "--config", "-c", help="YAML profile: a path, or the name of a "
+                         "bundled one (local, qwen2.5-0.5b-qlora).")
 SetOpt = typer.Option([], "--set", help="Override a field: --set train.lora.r=32 (repeatable).")
 
 
@@ -45,9 +46,14 @@ def _load(path: Path, overrides: list[str]) -> config_mod.Config:
         cfg = config_mod.load(path, overrides)
     except config_mod.ConfigError as exc:
         _fail(str(exc))
-    # Steps run in other processes (and other working directories): hand them absolute paths.
+    # Steps run in other processes (and other working directories): hand them absolute paths. A relative
+    # path is looked up where the command runs, then in the checkout (the bundled profiles' sample data).
+    from medtune.suites import ROOT
+
     data_path = Path(cfg.data.path).expanduser()
     if not cfg.data.path.startswith("hf://") and not data_path.is_absolute():
+        if not data_path.exists() and (ROOT / data_path).exists():
+            data_path = ROOT / data_path
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": str(data_path.resolve())})})
     return cfg
 

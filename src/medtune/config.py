@@ -597,8 +597,24 @@ def from_dict(tree: dict[str, Any], origin: str = "<config>", model: type[Config
         raise ConfigError(f"{origin}: invalid config: {problems}") from None
 
 
+# The bundled profiles: `--config local` names configs/local.yaml from any working directory.
+PROFILES = Path(__file__).resolve().parents[2] / "configs"
+
+
+def find_profile(ref: str | Path) -> Path:
+    """A profile by path (relative to the working directory) or by the name of a bundled one."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    for candidate in (PROFILES / path.name, PROFILES / f"{path.name}.yaml"):
+        if candidate.is_file() and (path.parent == Path(".") or path.parent == Path("configs")):
+            return candidate
+    bundled = ", ".join(sorted(p.stem for p in PROFILES.glob("*.yaml")))
+    raise ConfigError(f"{ref}: config file not found (nor a bundled profile: {bundled})")
+
+
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Profile:
-    path = Path(path)
+    path = find_profile(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
