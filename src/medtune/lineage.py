@@ -128,6 +128,8 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
                    "model_uri": registration["model_uri"] if registration else None,
                    "aliases": registration["aliases"] if registration else []},
         "hub": documents.get("hub"),
+        # every trial of the sweep: settings, status, metrics, adapter hash; `winner` marks the one evaluated
+        "trials": documents.get("trials"),
     }
 
 

@@ -109,6 +109,8 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         registered = json.loads(registration.read_text())
         summary["model_version"] = f"{registered['name']}/{registered['version']}"
         summary["registration"] = registered
+    # every trial of the sweep and the winner (select ran in every run: one trial without a sweep)
+    summary["trials"] = json.loads((tasks / "select" / "trials").read_text())
     push = next(tasks.glob("push/hub_push"), None)
     if push:
         summary["hub"] = json.loads(push.read_text())
