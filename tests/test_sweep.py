@@ -16,7 +16,7 @@ def load(*overrides):
 
 def test_no_sweep_is_one_trial_with_the_config_as_it_is():
     assert load().trials() == [{}]
-    assert trials_step.run(load().to_json()) == [{"index": 0, "overrides": {}}]
+    assert trials_step.run(load().to_json(), "r1") == [{"index": 0, "overrides": {}, "run_id": "r1"}]
 
 
 def test_grid_is_the_cartesian_product_with_nested_keys_from_set():
@@ -78,3 +78,52 @@ def test_all_failed_stops_with_every_reason():
     with pytest.raises(RuntimeError, match=r"trial 0 \(learning_rate=1\): failed: OOM.*trial 1 .*stopped: nan"):
         sweep.select([outcome(0, status=sweep.FAILED, reason="OOM"),
                       outcome(1, status=sweep.STOPPED, reason="nan")], "eval_loss")
+
+
+def test_a_stopped_trial_is_recorded_not_raised_and_all_stopped_ends_the_run(tiny_model_dir, tmp_path):
+    """A real learning-rate explosion (full fine-tune at lr 1.0, as in test_train) inside a 2-trial sweep."""
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    from conftest import SAMPLE, open_sqlite_run, tiny_config_tree
+    from medtune import models
+    from medtune import preprocess as prep
+    from medtune import train as trainer_mod
+    from medtune.steps import select, train
+
+    tree = tiny_config_tree(tiny_model_dir)
+    tree["train"].update(method="full", max_steps=8, checkpoint_steps=0)
+    tree["sweep"] = {"grid": {"learning_rate": [1e-3, 1.0]}}
+    cfg_json, run_id = open_sqlite_run(tree, tmp_path, "sweep")
+    cfg = config.from_json(cfg_json)
+    splits = prep.prepare(pd.read_json(SAMPLE, orient="records", lines=True), models.load_tokenizer(cfg.model),
+                          cfg.preprocess).splits
+    for name in ("train", "validation"):
+        (tmp_path / name).mkdir()
+        splits[name].to_json(tmp_path / name / "rows.jsonl", orient="records", lines=True)
+    out = tmp_path / "trial1"
+    args = [str(tmp_path / "train"), str(tmp_path / "validation"), str(out / "adapter"), str(out / "history"),
+            str(out / "work")]
+    outcome = train.run(cfg_json, run_id, *args, trial={"index": 1, "overrides": {"learning_rate": 1.0}},
+                        outcome_path=str(out / "outcome"))
+    assert outcome["status"] == sweep.STOPPED and "Lower train.learning_rate (now 1)" in outcome["reason"]
+    assert json.loads((out / "outcome").read_text()) == outcome and (out / "history").read_text() == "[]"
+    client = mlflow.MlflowClient()
+    (child,) = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'")
+    assert child.data.tags["mlflow.runName"] == "train trial 1" and child.data.tags["medtune.trial_status"] == "stopped"
+    assert child.data.params["train.learning_rate"] == "1.0"
+
+    with pytest.raises(RuntimeError, match=r"no trial .* trial 1 \(learning_rate=1\): stopped: TrainingFault"):
+        select.run(cfg_json, run_id, [str(out / "outcome")], [str(out / "adapter")], [str(out / "history")],
+                   str(tmp_path / "a"), str(tmp_path / "h"), str(tmp_path / "trials.json"))
+    assert json.loads((tmp_path / "trials.json").read_text())["trials"][0]["status"] == "stopped"
+
+    # Without a sweep the same fault is the step's failure, as before (a retry policy then applies).
+    single = json.loads(cfg_json)
+    single["sweep"] = {}
+    single["train"]["learning_rate"] = 1.0
+    with pytest.raises(trainer_mod.TrainingFault):
+        train.run(json.dumps(single), run_id, *args)

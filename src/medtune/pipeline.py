@@ -52,10 +52,10 @@ def build(profile: config_mod.Profile):
         run_id = run.output
         data = validate_data.component(config=config, run_id=run_id)
         splits = preprocess.component(config=config, run_id=run_id, data=data.outputs["data"])
-        planned = trials.component(config=config)
+        planned = trials.component(config=config, run_id=run_id)
         # parallelism is compiled in: it bounds the GPUs the sweep holds on the cluster
         with dsl.ParallelFor(planned.output, parallelism=profile.sweep.parallelism) as trial:
-            trained = train.component(config=config, run_id=run_id, trial=trial,
+            trained = train.component(config=config, trial=trial,  # the trial carries the run id
                                       train_split=splits.outputs["train_split"],
                                       validation_split=splits.outputs["validation_split"])
         best = select.component(config=config, run_id=run_id, outcomes=dsl.Collected(trained.outputs["outcome"]),

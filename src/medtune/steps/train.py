@@ -26,7 +26,8 @@ def run(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_dir
     from medtune import sweep, tracking
 
     base = config_mod.from_json(config_json)
-    trial = trial or {"index": 0, "overrides": {}}
+    # kfp.local passes the loop item's numbers as floats (index 1.0, lora.r 8.0); pydantic takes whole floats
+    trial = {"index": int(trial["index"]), "overrides": trial["overrides"]} if trial else {"index": 0, "overrides": {}}
     cfg = config_mod.from_dict(sweep.apply(json.loads(config_json), trial["overrides"]),
                                origin=f"sweep trial {trial['index']}", model=config_mod.Config)
     several = len(base.trials()) > 1
@@ -98,7 +99,7 @@ def _train(cfg, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, his
 
 
 @kfp_component(SPEC)
-def train(config: str, run_id: str, trial: dict, train_split: Input[Dataset], validation_split: Input[Dataset],
+def train(config: str, trial: dict, train_split: Input[Dataset], validation_split: Input[Dataset],
           adapter: Output[Model], history: Output[Artifact], outcome: Output[Artifact], metrics: Output[Metrics]):
     """Fine-tune with TRL's SFTTrainer (loss on the answer only).
 
@@ -106,8 +107,7 @@ def train(config: str, run_id: str, trial: dict, train_split: Input[Dataset], va
 
     Args:
         config: The resolved run-time config (JSON).
-        run_id: The MLflow parent run id.
-        trial: This trial of the sweep: {"index", "overrides"} (train.* fields).
+        trial: This trial of the sweep: {"index", "overrides" (train.* fields), "run_id" (the MLflow parent run)}.
         train_split: Training rows.
         validation_split: Validation rows (evaluation loss, early stopping).
         adapter: The trained weights: a LoRA adapter (lora/qlora) or the full model (method full).
@@ -119,7 +119,7 @@ def train(config: str, run_id: str, trial: dict, train_split: Input[Dataset], va
 
     from medtune.steps import train as step
 
-    result = step.run(config, run_id, train_split.path, validation_split.path, adapter.path, history.path,
+    result = step.run(config, trial["run_id"], train_split.path, validation_split.path, adapter.path, history.path,
                       work_dir=tempfile.mkdtemp(prefix="medtune-train-"), trial=trial, outcome_path=outcome.path)
     outcome.metadata.update(status=result["status"], index=result["index"])
     for key, value in result["metrics"].items():
