@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,25 @@ def open_sqlite_run(tree: dict, tmp_path: Path, experiment: str) -> tuple[str, s
     mlflow.set_tracking_uri(tree["tracking"]["tracking_uri"])
     mlflow.create_experiment(experiment, artifact_location=(tmp_path / "artifacts").as_uri())
     return cfg_json, open_run.run(cfg_json, f"{experiment}-run")
+
+
+@contextmanager
+def medtune_run(tree: dict, tmp_path: Path, timeout: int = 1500):
+    """`medtune run --json` on a profile written from `tree`: the committed compiled DAG under kfp.local,
+    logging to a real MLflow server on loopback. Yields (profile path, server URI, the run's summary, its
+    console output) while the server is up."""
+    import subprocess
+    import sys
+
+    from medtune import tracking
+
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump(tree))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with tracking.local_server(tmp_path / "mlflow") as uri:
+        proc = subprocess.run([str(Path(sys.executable).parent / "medtune"), "run", "--config", str(profile),
+                               "--json", "--output-dir", str(tmp_path / "run"), "--set",
+                               f"tracking.tracking_uri={uri}"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        yield profile, uri, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr

@@ -20,8 +20,8 @@ from medtune import steps
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ROOT / "pipelines" / "medtune.yaml"
 PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
-TASKS = ("open_run", "validate_data", "preprocess", "train", "evaluate", "gate", "register", "push",
-         "deploy", "audit", "audit_2")
+TASKS = ("open_run", "validate_data", "preprocess", "trials", "train", "select", "evaluate", "gate", "register",
+         "push", "deploy", "audit", "audit_2")
 SPECS = steps.specs()
 
 
@@ -43,8 +43,9 @@ def cfg() -> config_mod.Config:
 def compiled() -> dict:
     spec, platform = _docs(COMPILED)
     tasks = dict(spec["root"]["dag"]["tasks"])
-    tasks.update(spec["components"]["comp-condition-2"]["dag"]["tasks"])  # the gate passed
-    tasks.update(spec["components"]["comp-condition-3"]["dag"]["tasks"])  # it did not
+    tasks.update(spec["components"]["comp-for-loop-1"]["dag"]["tasks"])  # one train task per sweep trial
+    tasks.update(spec["components"]["comp-condition-3"]["dag"]["tasks"])  # the gate passed
+    tasks.update(spec["components"]["comp-condition-4"]["dag"]["tasks"])  # it did not
     by_name = {}
     for name in TASKS:
         task = tasks[name.replace("_", "-")]
@@ -90,17 +91,18 @@ def test_secrets_are_referenced_by_name_with_no_values(compiled, cfg):
     deployer = {"secretName": "medtune-deployer-token", "optional": True,
                 "keyToEnv": [{"envVar": "K8S_TOKEN", "secretKey": "token"}]}
     for name, t in compiled["tasks"].items():
-        refs = t["k8s"]["secretAsEnv"]
+        refs = t["k8s"].get("secretAsEnv", [])
         # A reference holds the Secret's name, its keys and env var names: there is no field for a value.
         assert all(set(ref) == {"secretName", "secretNameParameter", "keyToEnv", "optional"} for ref in refs)
         assert all(ref["secretNameParameter"] == {"runtimeValue": {"constant": ref["secretName"]}} for ref in refs)
         found = [{k: ref[k] for k in ("secretName", "optional", "keyToEnv")} for ref in refs]
         # the MLflow login; the deploy step also acts on the cluster as the deployer (kserve.rbac), not with the
         # pipeline runner's rights
-        assert found == [mlflow] + [deployer] * spec_of(name).deployer_token, name
+        assert found == [mlflow] * spec_of(name).mlflow + [deployer] * spec_of(name).deployer_token, name
         # the only plain env: the image the pod runs, which the step records (Secrets come by reference)
         assert t["container"]["env"] == [{"name": "MEDTUNE_IMAGE", "value": t["container"]["image"]}], name
     assert {name for name, spec in SPECS.items() if spec.deployer_token} == {"deploy"}
+    assert {name for name, spec in SPECS.items() if not spec.mlflow} == {"trials"}  # it only expands the config
     assert not re.search(r"^kind: Secret", compiled["text"], re.M)
 
 
@@ -132,7 +134,8 @@ def test_endpoints_are_pinned_at_compile_time_and_pods_carry_the_mlflow_client_l
     key, value = pipeline_mod.MLFLOW_CLIENT_LABEL
     for name, t in compiled["tasks"].items():
         metadata = t["k8s"]["podMetadata"]
-        assert metadata["labels"][key] == value, name
+        # only pods that talk to MLflow may reach it (the NetworkPolicy admits the label)
+        assert metadata.get("labels", {}).get(key) == (value if spec_of(name).mlflow else None), name
         assert json.loads(metadata["annotations"]["medtune.io/pinned"]) == json.loads(pins.of(cfg)) == {
             "tracking.tracking_uri": cfg.tracking.tracking_uri, "hub.endpoint": cfg.hub.endpoint,
             "hub.token_env": cfg.hub.token_env}
@@ -169,7 +172,7 @@ def test_retries_and_timeouts_as_the_steps_declare(compiled, cfg):
 
 def test_no_task_is_cached(compiled):
     # a cached step would skip its MLflow logging and could reuse the validation of changed data
-    assert len(compiled["tasks"]) == 11
+    assert len(compiled["tasks"]) == 13
     assert all(t["task"]["cachingOptions"] == {} for t in compiled["tasks"].values())
 
 
@@ -177,19 +180,20 @@ def test_gate_branches_register_push_and_audit_or_audit_only(compiled):
     spec = compiled["spec"]
     root = spec["root"]["dag"]["tasks"]
     assert not {"register", "push", "deploy", "audit"} & set(root)
-    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    branches = spec["components"]["comp-condition-branches-2"]["dag"]["tasks"]
     passed = "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
-    assert branches["condition-2"]["triggerPolicy"]["condition"] == passed
-    assert branches["condition-3"]["triggerPolicy"]["condition"] == f"!({passed})"
-    assert root["condition-branches-1"]["inputs"]["parameters"]["pipelinechannel--gate-Output"][
+    assert branches["condition-3"]["triggerPolicy"]["condition"] == passed
+    assert branches["condition-4"]["triggerPolicy"]["condition"] == f"!({passed})"
+    assert root["condition-branches-2"]["inputs"]["parameters"]["pipelinechannel--gate-Output"][
         "taskOutputParameter"] == {"outputParameterKey": "Output", "producerTask": "gate"}
-    promoted = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    promoted = spec["components"]["comp-condition-3"]["dag"]["tasks"]
     assert set(promoted) == {"register", "push", "deploy", "audit"}  # deploy only when the gate passed
-    assert set(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == {"audit-2"}
+    assert set(spec["components"]["comp-condition-4"]["dag"]["tasks"]) == {"audit-2"}
     # The DAG order: each step consumes the previous one's outputs.
-    assert set(root["train"]["dependentTasks"]) >= {"preprocess"}
-    assert set(root["evaluate"]["dependentTasks"]) >= {"train", "preprocess"}
-    assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "train"}
+    assert set(root["for-loop-1"]["dependentTasks"]) >= {"preprocess", "trials"}
+    assert set(root["select"]["dependentTasks"]) == {"for-loop-1", "open-run"}
+    assert set(root["evaluate"]["dependentTasks"]) >= {"select", "preprocess"}
+    assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "select"}
     assert promoted["push"]["dependentTasks"] == ["register"], "the Hub tag names the registered version"
     assert sorted(promoted["deploy"]["dependentTasks"]) == ["push", "register"], "served once registered and pushed"
     assert sorted(promoted["audit"]["dependentTasks"]) == ["deploy", "push", "register"]
@@ -197,11 +201,12 @@ def test_gate_branches_register_push_and_audit_or_audit_only(compiled):
 
 def test_audit_receives_every_artifact_of_the_run(compiled):
     spec = compiled["spec"]
-    produced = {(task, key) for task, t in spec["root"]["dag"]["tasks"].items() if not task.startswith("condition")
+    produced = {(task, key) for task, t in spec["root"]["dag"]["tasks"].items()
+                if not task.startswith(("condition", "for-loop"))
                 for key in spec["components"][t["componentRef"]["name"]].get("outputDefinitions", {})
                 .get("artifacts", {})}
-    produced -= {("train", "metrics"), ("evaluate", "base_metrics"), ("evaluate", "candidate_metrics")}  # in
-    # comparison and history, which are audited
+    produced -= {("select", "metrics"), ("evaluate", "base_metrics"), ("evaluate", "candidate_metrics")}  # in
+    # comparison and history, which are audited; every trial's adapter hash is in select's trials table
 
     def sources(task: dict) -> set:  # "<producer task>-<output>" for each artifact the task reads
         return {a["componentInputArtifact"].removeprefix("pipelinechannel--") if "componentInputArtifact" in a
@@ -212,6 +217,47 @@ def test_audit_receives_every_artifact_of_the_run(compiled):
     assert rejected == {f"{task}-{key}" for task, key in produced}
     promoted = sources(compiled["tasks"]["audit"]["task"])
     assert promoted == rejected | {"register-registration", "push-hub_push", "deploy-deployment"}
+
+
+def test_train_fans_out_over_the_trials_and_select_collects_every_trial(compiled, cfg):
+    spec = compiled["spec"]
+    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["parameterIterator"] == {"itemInput": "pipelinechannel--trials-Output-loop-item",
+                                         "items": {"inputParameter": "pipelinechannel--trials-Output"}}
+    assert loop["inputs"]["parameters"]["pipelinechannel--trials-Output"]["taskOutputParameter"] == {
+        "outputParameterKey": "Output", "producerTask": "trials"}
+    assert loop["iteratorPolicy"] == {"parallelismLimit": cfg.sweep.parallelism}
+    assert compiled["tasks"]["train"]["task"]["inputs"]["parameters"]["trial"] == {
+        "componentInputParameter": "pipelinechannel--trials-Output-loop-item"}
+    # dsl.Collected: the loop exposes each train output as a list, and select reads the lists
+    loop_outputs = spec["components"]["comp-for-loop-1"]["dag"]["outputs"]["artifacts"]
+    select = compiled["tasks"]["select"]["task"]["inputs"]["artifacts"]
+    select_inputs = spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]
+    for name, output in (("outcomes", "outcome"), ("adapters", "adapter"), ("histories", "history")):
+        assert loop_outputs[f"pipelinechannel--train-{output}"]["artifactSelectors"] == [
+            {"outputArtifactKey": output, "producerSubtask": "train"}]
+        assert select[name]["taskOutputArtifact"] == {"outputArtifactKey": f"pipelinechannel--train-{output}",
+                                                      "producerTask": "for-loop-1"}
+        assert select_inputs[name]["isArtifactList"] is True
+    # only the winner goes on: evaluate, gate, register and push read select's adapter/history, never train's
+    for consumer, inputs in (("evaluate", ["adapter"]), ("gate", ["history", "trials"]), ("register", ["adapter"]),
+                             ("push", ["adapter"])):
+        artifacts = compiled["tasks"][consumer]["task"]["inputs"]["artifacts"]
+        for name in inputs:
+            source = artifacts[name].get("taskOutputArtifact") or artifacts[name]["componentInputArtifact"]
+            assert "select" in json.dumps(source), (consumer, name)
+
+
+def test_a_larger_parallelism_is_compiled_into_the_loop(tmp_path):
+    profile = tmp_path / "p.yaml"
+    tree = yaml.safe_load(PROFILE.read_text())
+    tree["sweep"] = {"grid": {"learning_rate": [1e-4, 3e-4, 1e-3]}, "parallelism": 2}
+    profile.write_text(yaml.safe_dump(tree))
+    spec, platform = _docs(pipeline_mod.compile_pipeline(profile, tmp_path / "m.yaml"))
+    assert spec["root"]["dag"]["tasks"]["for-loop-1"]["iteratorPolicy"] == {"parallelismLimit": 2}
+    train = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train"]
+    executor = spec["components"][train["componentRef"]["name"]]["executorLabel"]
+    assert platform[executor]["tolerations"]  # every trial task on the GPU pool
 
 
 def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):

@@ -9,24 +9,19 @@ is random, so the gate policy here only checks that answers are not all empty; t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_config_tree
+from conftest import medtune_run, tiny_config_tree
 from medtune import config as config_mod
-from medtune import models, rows, tracking
+from medtune import models, rows
 
 pytestmark = pytest.mark.slow
 
-MEDTUNE = Path(sys.executable).parent / "medtune"
 QUESTION = "What is high blood pressure?"
 
 
@@ -35,15 +30,7 @@ def test_full_fine_tune_is_evaluated_gated_registered_and_answers(tiny_model_dir
     tree["train"].update(method="full", learning_rate=1e-3)
     tree["gate"] = {"rules": [{"metric": "empty_rate", "max": 1.0}], "promote": True}
     tree["tracking"]["registered_model"] = "medtune-full-it"
-    profile = tmp_path / "full.yaml"
-    profile.write_text(yaml.safe_dump(tree))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with tracking.local_server(tmp_path / "mlflow") as uri:
-        proc = subprocess.run([str(MEDTUNE), "run", "--config", str(profile), "--json", "--output-dir",
-                               str(tmp_path / "run"), "--set", f"tracking.tracking_uri={uri}"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    with medtune_run(tree, tmp_path) as (profile, uri, summary, _):
         assert summary["gate"]["passed"] is True and summary["model_version"] == "medtune-full-it/1"
 
         trained = Path(summary["adapter"])

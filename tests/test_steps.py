@@ -93,7 +93,8 @@ def test_profile_overrides_a_steps_retries_and_timeout(tmp_path):
     assert profile.cluster.retry_policy(train).retries == 0 and profile.cluster.timeout(train) == 60
     spec, _ = yaml.safe_load_all(pipeline_mod.compile_pipeline(_write(tmp_path, profile), tmp_path / "p.yaml")
                                  .read_text())
-    assert "retryPolicy" not in spec["root"]["dag"]["tasks"]["train"], "retries 0 switches the default off"
+    trial = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train"]  # one per sweep trial
+    assert "retryPolicy" not in trial, "retries 0 switches the default off"
 
 
 def _write(tmp_path: Path, profile: config_mod.Profile) -> Path:

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from medtune import config as config_mod
+from medtune import sweep
 from medtune.ingest import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -80,6 +81,8 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
             console.print(f"[bold]{key:>14}[/]: {summary[key]}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{'gate':>14}[/]: {'PASSED' if summary['gate']['passed'] else 'FAILED'} - "
                   f"{summary['gate']['summary']}", highlight=False)
+    for line in sweep.closing_note(summary["trials"]) if len(summary["trials"]["trials"]) > 1 else []:
+        console.print(f"[bold]{'sweep':>14}[/]: {line}", highlight=False, soft_wrap=True)
     if not cfg.tracking.tracking_uri:
         console.print("the MLflow server of this run has stopped; `medtune ui` serves these links again",
                       style="dim", highlight=False)

@@ -497,6 +497,66 @@ class DeployConfig(Strict):
         return self
 
 
+def _flatten_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"lora": {"r": [8, 16]}} -> {"lora.r": [8, 16]}: `--set sweep.grid.lora.r=[8,16]` nests the key."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_fields(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+class SweepConfig(Strict):
+    """Hyperparameter sweep: one train task per trial (ParallelFor), the best by `metric` goes on to evaluate.
+
+    Keys are `train.*` fields written below `train` (`learning_rate`, `lora.r`, `epochs`, ...)."""
+
+    grid: dict[str, list[Any]] = Field(
+        {}, description="Values per field; every combination is a trial. More trials: better odds, more GPU hours.")
+    ranges: dict[str, tuple[int | float, int | float]] = Field(
+        {}, description="[low, high] per field, sampled `trials` times per grid point (log-uniform for *rate "
+                        "fields, integers when both bounds are).")
+    trials: int = Field(0, ge=0, description="Random samples of `ranges` per grid point.")
+    seed: int = 0
+    metric: str = Field("eval_loss", description="The trial's training metric that selects the winner "
+                                                 "(validation loss by default).")
+    lower_is_better: bool = True
+    parallelism: int = Field(1, ge=1, description="Trials training at once (compiled into the DAG): bounds GPU "
+                                                  "use on the cluster; 1 locally, where trials share the CPU.")
+
+    @field_validator("grid", "ranges", mode="before")
+    @classmethod
+    def _dotted(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        # YAML reads 3e-3 (no dot) as a string; a sweep value is a number wherever it reads as one
+        return {k: [_number(v) for v in vs] if isinstance(vs, list) else vs
+                for k, vs in _flatten_fields(value).items()}
+
+    @model_validator(mode="after")
+    def _shape(self) -> SweepConfig:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"sweep.grid.{key}: needs at least one value")
+        for key, (low, high) in self.ranges.items():
+            if not low < high or (key.endswith("rate") and low <= 0):
+                raise ValueError(f"sweep.ranges.{key}: needs 0 < low < high for a rate, low < high otherwise")
+        if bool(self.ranges) != bool(self.trials):
+            raise ValueError("sweep.trials: set both sweep.ranges and sweep.trials (random samples), or neither")
+        return self
+
+
 class Config(Strict):
     """The run-time config: the compiled pipeline's `config` parameter, which a run may change field by field."""
 
@@ -511,6 +571,28 @@ class Config(Strict):
     hub: HubConfig = HubConfig()
     serve: ServeConfig = ServeConfig()
     deploy: DeployConfig = DeployConfig()
+    sweep: SweepConfig = SweepConfig()
+
+    @model_validator(mode="after")
+    def _trials_valid(self) -> Config:
+        """Every trial's config must load now, not hours into the sweep."""
+        from medtune import sweep
+
+        tree = self.model_dump(mode="json", include={"train"})
+        for index, trial in enumerate(sweep.expand(self.sweep)):
+            try:
+                TrainConfig.model_validate(sweep.apply(tree, trial)["train"])
+            except (KeyError, TypeError):
+                raise ValueError(f"sweep trial {index} ({sweep.label(trial)}): no such train field") from None
+            except ValidationError as exc:
+                problems = "; ".join(f"train.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"sweep trial {index} ({sweep.label(trial)}): {problems}") from None
+        return self
+
+    def trials(self) -> list[dict[str, Any]]:
+        from medtune import sweep
+
+        return sweep.expand(self.sweep) or [{}]
 
     @model_validator(mode="after")
     def _rules_fit(self) -> Config:

@@ -151,6 +151,8 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
                    "aliases": registration["aliases"] if registration else []},
         "hub": documents.get("hub"),
         "deployment": documents.get("deployment"),
+        # every trial of the sweep: settings, status, metrics, adapter hash; `winner` marks the one evaluated
+        "trials": documents.get("trials"),
     }
 
 

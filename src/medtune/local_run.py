@@ -130,6 +130,8 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         registered = json.loads(registration.read_text())
         summary["model_version"] = f"{registered['name']}/{registered['version']}"
         summary["registration"] = registered
+    # every trial of the sweep and the winner (select ran in every run: one trial without a sweep)
+    summary["trials"] = json.loads((tasks / "select" / "trials").read_text())
     for key, found in (("hub", "push/hub_push"), ("deployment", "deploy/deployment")):
         path = next(tasks.glob(found), None)
         if path:

@@ -1,5 +1,9 @@
-"""The medtune DAG: validate -> preprocess -> train -> evaluate -> gate -> register -> push -> deploy ->
-audit.
+"""The medtune DAG: validate -> preprocess -> train (one task per sweep trial) -> select -> evaluate -> gate
+-> register -> push -> deploy -> audit.
+
+Training always fans out over the sweep's trials (`dsl.ParallelFor`, at most `sweep.parallelism` at once); a
+config without a sweep has one trial, so the plain pipeline is a sweep of size 1. `select` collects every
+trial (`dsl.Collected`) and only the winner's adapter and history go on.
 
 The gate decides the branch: a passing run is registered, pushed, deployed (KServe), then audited; a failing
 one is audited only. Either way the run ends with its audit record (lineage.json).
@@ -18,8 +22,8 @@ from kfp.dsl import HTML, Artifact, Model
 
 from medtune import config as config_mod
 from medtune import images, pins, steps
-from medtune.steps import (audit, deploy, evaluate, gate, open_run, preprocess, push, register, train,  # noqa: F401
-                           validate_data)
+from medtune.steps import (audit, deploy, evaluate, gate, open_run, preprocess, push, register, select,  # noqa: F401
+                           train, trials, validate_data)
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: profiles under configs/, the IR under pipelines/
 CLUSTER_PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
@@ -52,19 +56,27 @@ def build(profile: config_mod.Profile):
         run_id = run.output
         data = validate_data.component(config=config, run_id=run_id)
         splits = preprocess.component(config=config, run_id=run_id, data=data.outputs["data"])
-        trained = train.component(config=config, run_id=run_id, train_split=splits.outputs["train_split"],
-                                  validation_split=splits.outputs["validation_split"])
+        planned = trials.component(config=config, run_id=run_id)
+        # parallelism is compiled in: it bounds the GPUs the sweep holds on the cluster
+        with dsl.ParallelFor(planned.output, parallelism=profile.sweep.parallelism) as trial:
+            trained = train.component(config=config, trial=trial,  # the trial carries the run id
+                                      train_split=splits.outputs["train_split"],
+                                      validation_split=splits.outputs["validation_split"])
+        best = select.component(config=config, run_id=run_id, outcomes=dsl.Collected(trained.outputs["outcome"]),
+                                adapters=dsl.Collected(trained.outputs["adapter"]),
+                                histories=dsl.Collected(trained.outputs["history"]))
         scored = evaluate.component(config=config, run_id=run_id, test_split=splits.outputs["test_split"],
                                     validation_split=splits.outputs["validation_split"],
-                                    adapter=trained.outputs["adapter"])
+                                    adapter=best.outputs["adapter"])
         verdict = gate.component(config=config, run_id=run_id, comparison=scored.outputs["comparison"],
-                                 history=trained.outputs["history"], predictions=scored.outputs["predictions"],
+                                 history=best.outputs["history"], predictions=scored.outputs["predictions"],
+                                 trials=best.outputs["trials"],
                                  policy_sha256=profile.policy_digest())  # a constant: run parameters cannot move it
-        done = [data, splits, trained, scored, verdict]  # the audit record hashes every artifact they wrote
+        done = [data, splits, best, scored, verdict]  # the audit record hashes every artifact they wrote
         with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712 (KFP builds a condition from ==)
-            registered = register.component(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
+            registered = register.component(config=config, run_id=run_id, adapter=best.outputs["adapter"],
                                             decision=verdict.outputs["decision"])
-            pushed = push.component(config=config, run_id=run_id, adapter=trained.outputs["adapter"],
+            pushed = push.component(config=config, run_id=run_id, adapter=best.outputs["adapter"],
                                     decision=verdict.outputs["decision"], comparison=scored.outputs["comparison"],
                                     splits=splits.outputs["summary"], validation=data.outputs["validation"],
                                     registration=registered.outputs["registration"])
@@ -76,9 +88,9 @@ def build(profile: config_mod.Profile):
         with dsl.Else():
             rejected = audited(config=config, run_id=run_id, **audit.evidence(done))
 
-        place([run, *done, registered, pushed, deployed, promoted, rejected], profile)
+        place([run, planned, trained, *done, registered, pushed, deployed, promoted, rejected], profile)
         return Outputs(run_id=run_id, passed=verdict.outputs["Output"], decision=verdict.outputs["decision"],
-                       report=verdict.outputs["report"], adapter=trained.outputs["adapter"],
+                       report=verdict.outputs["report"], adapter=best.outputs["adapter"],
                        comparison=scored.outputs["comparison"])
 
     return medtune

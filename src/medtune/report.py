@@ -203,8 +203,36 @@ def suite_sections(comparison: dict) -> str:
     return "".join(parts) or "<p>No evaluation suites in the profile (eval.suites).</p>"
 
 
+def trials_section(trials: dict | None) -> str:
+    """The sweep's trials (settings, status, selection metric, the winner marked) and a scatter plot of each
+    setting against the metric; nothing for a run of one trial."""
+    if not trials or len(trials["trials"]) < 2:
+        return ""
+    metric = trials["metric"]
+    rows = [[t["index"], ", ".join(f"{k}={v}" for k, v in t["trial"].items()), t["status"],
+             fmt(t["metrics"].get(metric)), t["metrics"].get("steps", ""), t.get("reason", ""),
+             "winner" if t["winner"] else ""] for t in trials["trials"]]
+    settings = sorted({k for t in trials["trials"] for k in t["trial"]})
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], settings):
+        done = [(t["trial"][key], t["metrics"][metric], t["winner"]) for t in trials["trials"]
+                if key in t["trial"] and metric in t["metrics"]]
+        if done:
+            xs, ys, won = zip(*done)
+            ax.scatter(xs, ys, c=["tab:red" if w else "tab:blue" for w in won])
+        if key.endswith("rate"):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"Trials: {metric} by setting (red: winner)")
+    better = "lower" if trials["lower_is_better"] else "higher"
+    return (f"<h2>Sweep: {len(rows)} trials, {better} {_esc(metric)} wins</h2>"
+            f"{_table(rows, ['trial', 'settings', 'status', metric, 'steps', 'reason', ''])}{_png(fig)}")
+
+
+
 def render(comparison: dict, decision: dict, history: list[dict], predictions: pd.DataFrame, title: str,
-           length_change_flag: float = 0.3) -> str:
+           length_change_flag: float = 0.3, trials: dict | None = None) -> str:
     kind = comparison.get("kind", "free_text")
     flags = "".join(f"<li>{_esc(f)}</li>" for f in length_flags(comparison, length_change_flag))
     checks = [[c.get("suite", "test"), c["rule"], fmt(c["value"]), f"{c.get('op', '>=')} {c['bound']}", c.get("verdict") or
@@ -248,6 +276,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:90%}}<
 {metric_plot(comparison, plot_names) if plot_names else ""}
 <h2>Evaluation suites</h2><div id="suites">{suite_sections(comparison)}</div>
 <h2>Training</h2>{loss_plot(history)}
+{trials_section(trials)}
 <h2>By question type (mean per-question score)</h2>
 {_table(b_rows, b_header)}
 <h2>Largest gains over the base model ({score})</h2>

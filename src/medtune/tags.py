@@ -22,6 +22,9 @@ BASE_MODEL_SHA256 = "medtune.base_model_sha256"  # ... or a local directory's co
 # A step's nested run
 STEP = "medtune.step"
 IMAGE = "medtune.image"  # the container image the step's pod ran (absent under kfp.local)
+TRIAL = "medtune.trial"  # train: the sweep trial's index
+TRIAL_STATUS = "medtune.trial_status"  # train: a trial that did not finish: stopped or failed
+TRIAL_REASON = "medtune.trial_reason"
 CHAMPION = "medtune.champion"  # evaluate: "<name>/<version>" compared against, or "none"
 
 # A registered model version

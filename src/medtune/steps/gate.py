@@ -16,7 +16,8 @@ SPEC = StepSpec(name="gate", display_name="Promotion gate", timeout_s=900, recor
 
 
 def decide(cfg: config_mod.Config, comparison_path: Path, history_path: Path | None, predictions_dir: Path,
-           decision_path: Path, report_path: Path, title: str, policy_sha256: str = "") -> dict:
+           decision_path: Path, report_path: Path, title: str, policy_sha256: str = "",
+           trials_path: Path | None = None) -> dict:
     """Write the decision (every check with its value, bound and verdict) and the HTML report."""
     import pandas as pd
 
@@ -29,13 +30,14 @@ def decide(cfg: config_mod.Config, comparison_path: Path, history_path: Path | N
     Path(decision_path).write_text(json.dumps(decision, indent=2))
     predictions = pd.read_json(Path(predictions_dir) / "predictions.jsonl", orient="records", lines=True)
     history = json.loads(history_path.read_text()) if history_path and history_path.exists() else []
+    trials = json.loads(trials_path.read_text()) if trials_path else None
     Path(report_path).write_text(report.render(comparison, decision, history, predictions, title=title,
-                                               length_change_flag=cfg.eval.length_change_flag))
+                                               length_change_flag=cfg.eval.length_change_flag, trials=trials))
     return decision
 
 
 def run(config_json: str, run_id: str, comparison_path: str, history_path: str, predictions_dir: str,
-        decision_path: str, report_path: str, policy_sha256: str = "") -> dict:
+        decision_path: str, report_path: str, policy_sha256: str = "", trials_path: str | None = None) -> dict:
     import mlflow
 
     from medtune import tags, tracking
@@ -43,7 +45,8 @@ def run(config_json: str, run_id: str, comparison_path: str, history_path: str, 
     cfg = config_mod.from_json(config_json)
     decision = decide(cfg, Path(comparison_path), Path(history_path) if history_path else None,
                       Path(predictions_dir), Path(decision_path), Path(report_path),
-                      title=f"medtune evaluation: {cfg.name}, run {run_id}", policy_sha256=policy_sha256)
+                      title=f"medtune evaluation: {cfg.name}, run {run_id}", policy_sha256=policy_sha256,
+                      trials_path=Path(trials_path) if trials_path else None)
     with tracking.step(cfg, run_id, SPEC.name):
         mlflow.log_dict(decision, "gate/decision.json")
         mlflow.log_dict(decision["policy"], "gate/policy.json")
@@ -61,7 +64,7 @@ def run(config_json: str, run_id: str, comparison_path: str, history_path: str, 
 
 @kfp_component(SPEC)
 def gate(config: str, run_id: str, comparison: Input[Artifact], history: Input[Artifact],
-         predictions: Input[Dataset], decision: Output[Artifact], report: Output[HTML],
+         predictions: Input[Dataset], trials: Input[Artifact], decision: Output[Artifact], report: Output[HTML],
          policy_sha256: str = "") -> bool:
     """Apply the promotion policy to the comparison and write the evaluation report.
 
@@ -74,6 +77,7 @@ def gate(config: str, run_id: str, comparison: Input[Artifact], history: Input[A
         comparison: The evaluate step's metrics and CIs.
         history: The training history (loss curve in the report).
         predictions: Every model's answers (examples in the report).
+        trials: The sweep's trials table (report: settings vs selection metric).
         decision: Every check with its value, bound and verdict, and the summary.
         report: The HTML evaluation report.
         policy_sha256: The policy's hash, a constant compiled into the pipeline (on a cluster the step stops
@@ -85,7 +89,7 @@ def gate(config: str, run_id: str, comparison: Input[Artifact], history: Input[A
     from medtune.steps import gate as step
 
     result = step.run(config, run_id, comparison.path, history.path, predictions.path, decision.path, report.path,
-                      policy_sha256)
+                      policy_sha256, trials_path=trials.path)
     decision.metadata.update(passed=result["passed"], summary=result["summary"])
     return result["passed"]
 

@@ -1,6 +1,7 @@
 """Step `train`: fine-tune with TRL's SFTTrainer (LoRA, QLoRA or the full model; loss on the answer only)."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
@@ -16,53 +17,112 @@ PER_STEP = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "
 
 
 def run(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str,
-        work_dir: str) -> dict:
+        work_dir: str, trial: dict | None = None, outcome_path: str | None = None) -> dict:
+    """Train one trial of the sweep (`trial`: {"index", "overrides"}; none: the config as it is) and write
+    its outcome (status, reason, metrics, adapter hash) for `select`. In a sweep of several trials a failed
+    or stopped trial is recorded, not raised: one bad learning rate must not end its siblings' loop."""
     import mlflow
 
-    from medtune import rows, tracking
+    from medtune import sweep, tracking
+
+    base = config_mod.from_json(config_json)
+    # kfp.local passes the loop item's numbers as floats (index 1.0, lora.r 8.0); pydantic takes whole floats
+    trial = {"index": int(trial["index"]), "overrides": trial["overrides"]} if trial else {"index": 0, "overrides": {}}
+    cfg = config_mod.from_dict(sweep.apply(json.loads(config_json), trial["overrides"]),
+                               origin=f"sweep trial {trial['index']}", model=config_mod.Config)
+    several = len(base.trials()) > 1
+    outcome = {"index": trial["index"], "trial": trial["overrides"], "lora_r": cfg.train.lora.r,
+               "status": sweep.OK, "reason": "", "metrics": {}}
+    name = f"{SPEC.name} trial {trial['index']}" if several else SPEC.name
+    with tracking_step(cfg, run_id, name, trial):
+        try:
+            outcome["metrics"] = _train(cfg, run_id, train_dir, val_dir, adapter_dir, history_path, work_dir)
+            outcome["adapter_sha256"] = _tree_sha256(Path(adapter_dir))
+        except Exception as exc:
+            from medtune import tags
+            from medtune.train import Preempted, TrainingFault
+
+            if not several or isinstance(exc, Preempted):  # a preempted pod is retried and resumes
+                raise
+            outcome.update(status=sweep.STOPPED if isinstance(exc, TrainingFault) else sweep.FAILED,
+                           reason=f"{type(exc).__name__}: {exc}")
+            Path(adapter_dir).mkdir(parents=True, exist_ok=True)
+            Path(history_path).write_text("[]")
+            mlflow.set_tags({tags.TRIAL_STATUS: outcome["status"], tags.TRIAL_REASON: outcome["reason"][:500]})
+    if outcome_path:
+        Path(outcome_path).write_text(json.dumps(outcome, indent=1))
+    if not several:  # a sweep's winner is logged on the parent by `select`
+        tracking.log_parent_metrics(run_id, outcome["metrics"], "train.")
+    return outcome
+
+
+@contextmanager
+def tracking_step(cfg, run_id: str, name: str, trial: dict):
+    """The trial's nested run under the parent: its overrides as params (the loss curve and metrics follow)."""
+    import mlflow
+
+    from medtune import tags, tracking
+
+    with tracking.step(cfg, run_id, name) as child:
+        mlflow.set_tag(tags.TRIAL, str(trial["index"]))
+        if trial["overrides"]:
+            mlflow.log_params({f"train.{k}": v for k, v in trial["overrides"].items()})
+        yield child
+
+
+def _tree_sha256(directory: Path) -> str:
+    from medtune.lineage import hash_files, tree_digest
+
+    return tree_digest(hash_files(directory))
+
+
+def _train(cfg, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str,
+           work_dir: str) -> dict:
+    import mlflow
+
+    from medtune import rows
     from medtune import train as trainer
 
-    cfg = config_mod.from_json(config_json)
     # A retried step of the same run and config finds its checkpoints there (a PVC on the cluster) and resumes.
     checkpoints = (Path(cfg.train.checkpoint_dir).expanduser() / trainer.checkpoint_key(cfg, run_id)
                    if cfg.train.checkpoint_dir else None)
-    with tracking.step(cfg, run_id, SPEC.name):
-        result = trainer.train(cfg, rows.read(Path(train_dir)), rows.read(Path(val_dir)), Path(adapter_dir),
-                               Path(work_dir), checkpoints)
-        Path(history_path).write_text(json.dumps(result.history, indent=1))
-        for entry in result.history:
-            for key in PER_STEP:
-                if key in entry:
-                    mlflow.log_metric(key, entry[key], step=entry["step"])
-        mlflow.log_metrics(result.metrics)
-        mlflow.log_artifacts(adapter_dir, "adapter")
-    tracking.log_parent_metrics(run_id, result.metrics, "train.")
+    result = trainer.train(cfg, rows.read(Path(train_dir)), rows.read(Path(val_dir)), Path(adapter_dir),
+                           Path(work_dir), checkpoints)
+    Path(history_path).write_text(json.dumps(result.history, indent=1))
+    for entry in result.history:
+        for key in PER_STEP:
+            if key in entry:
+                mlflow.log_metric(key, entry[key], step=entry["step"])
+    mlflow.log_metrics(result.metrics)
+    mlflow.log_artifacts(adapter_dir, "adapter")
     return result.metrics
 
 
 @kfp_component(SPEC)
-def train(config: str, run_id: str, train_split: Input[Dataset], validation_split: Input[Dataset],
-          adapter: Output[Model], history: Output[Artifact], metrics: Output[Metrics]):
+def train(config: str, trial: dict, train_split: Input[Dataset], validation_split: Input[Dataset],
+          adapter: Output[Model], history: Output[Artifact], outcome: Output[Artifact], metrics: Output[Metrics]):
     """Fine-tune with TRL's SFTTrainer (loss on the answer only).
 
     A retry of the same run resumes from the last checkpoint when train.checkpoint_dir is set.
 
     Args:
         config: The resolved run-time config (JSON).
-        run_id: The MLflow parent run id.
+        trial: This trial of the sweep: {"index", "overrides" (train.* fields), "run_id" (the MLflow parent run)}.
         train_split: Training rows.
         validation_split: Validation rows (evaluation loss, early stopping).
         adapter: The trained weights: a LoRA adapter (lora/qlora) or the full model (method full).
         history: Loss, learning rate and throughput per logged step.
+        outcome: The trial's status (ok, stopped, failed), reason, metrics and adapter hash, for `select`.
         metrics: The run's final training metrics.
     """
     import tempfile
 
     from medtune.steps import train as step
 
-    result = step.run(config, run_id, train_split.path, validation_split.path, adapter.path, history.path,
-                      work_dir=tempfile.mkdtemp(prefix="medtune-train-"))
-    for key, value in result.items():
+    result = step.run(config, trial["run_id"], train_split.path, validation_split.path, adapter.path, history.path,
+                      work_dir=tempfile.mkdtemp(prefix="medtune-train-"), trial=trial, outcome_path=outcome.path)
+    outcome.metadata.update(status=result["status"], index=result["index"])
+    for key, value in result["metrics"].items():
         metrics.log_metric(key, value)
 
 
