@@ -11,31 +11,23 @@ import base64
 import hashlib
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import yaml
+
+from standin import LoopbackServer
 
 REPO = r"/api/models/(?P<repo>[^/]+/[^/]+)"
 
 
-class HubStandIn:
+class HubStandIn(LoopbackServer):
     def __init__(self, token: str):
         self.token = token
         self.repos: dict[str, dict] = {}
         self.requests: list[tuple[str, str, dict]] = []
         self.validated: list[dict] = []  # model card metadata checked by /api/validate-yaml
         self.fail_next: dict[str, int] = {}  # route name -> HTTP status to answer once
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self._serve(self._handler())
 
     def _repo(self, repo_id: str) -> dict:
         return self.repos.setdefault(repo_id, {"files": {}, "commits": [], "tags": {}, "private": None})

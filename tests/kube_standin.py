@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from standin import LoopbackServer
 
 CORE = r"/api/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>serviceaccounts|secrets)"
 RBAC = r"/apis/rbac\.authorization\.k8s\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>roles|rolebindings)"
@@ -23,23 +24,14 @@ CUSTOM = r"/apis/serving\.kserve\.io/(?P<version>v1alpha1|v1beta1)/namespaces/(?
          r"(?P<plural>servingruntimes|inferenceservices)"
 
 
-class KubeStandIn:
+class KubeStandIn(LoopbackServer):
     def __init__(self, polls_to_ready: int = 2, broken: tuple[str, ...] = (), smoke_status: int = 200):
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
         self.requests: list[tuple[str, str, dict | None]] = []
         self.polls_to_ready, self.broken, self.smoke_status = polls_to_ready, set(broken), smoke_status
         self.polls: dict[tuple, int] = {}
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._serve(self._handler())
         self._resource_version = 0
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
     def isvc(self, ns: str, name: str) -> dict | None:
         return self.objects.get(("inferenceservices", ns, name))

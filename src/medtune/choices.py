@@ -16,7 +16,6 @@ prediction is the argmax (`accuracy`), or the argmax of log-likelihood per chara
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +23,6 @@ import numpy as np
 from medtune import metrics
 
 LETTERS = "ABCDEFGHIJ"
-_OPTION = re.compile(r"(?:^|\s)\(?([A-J])[\).:]\s+(.+?)(?=\s+\(?[A-J][\).:]\s|\n|$)")
 MAX_SET_LABELS = 10  # more distinct answers than this is not a label set: the data is free text
 
 
@@ -43,15 +41,7 @@ class ChoiceError(ValueError):
 def lettered_options(question: str) -> dict[str, str]:
     """Lettered options written in a question, letter -> text; only a run starting at A (2+ options) counts,
     so a stray "vitamin D. It..." is not an option list."""
-    found: dict[str, str] = {}
-    for m in _OPTION.finditer(question):
-        found.setdefault(m.group(1), m.group(2).strip())
-    run = {}
-    for letter in LETTERS:
-        if letter not in found:
-            break
-        run[letter] = found[letter]
-    return run if len(run) >= 2 else {}
+    return metrics.option_run(question, str, str.strip)
 
 
 def _key(text) -> str:

@@ -134,14 +134,19 @@ def options_from_question(question: str) -> dict[str, str]:
 
     Only a run of options starting at A counts, so a stray "vitamin D. It..." is not an option list.
     """
+    return option_run(question, lambda letter: letter.lower(), normalise_answer)
+
+
+def option_run(question: str, key: Callable[[str], str], text: Callable[[str], str]) -> dict[str, str]:
+    """The options written in `question` as key(letter) -> text(option), if they run from A (2 or more)."""
     found: dict[str, str] = {}
     for m in _OPTION.finditer(question):
-        found.setdefault(m.group(1).lower(), normalise_answer(m.group(2)))
+        found.setdefault(key(m.group(1)), text(m.group(2)))
     run = {}
     for letter in LETTERS:
-        if letter not in found:
+        if key(letter.upper()) not in found:
             break
-        run[letter] = found[letter]
+        run[key(letter.upper())] = found[key(letter.upper())]
     return run if len(run) >= 2 else {}
 
 
