@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conftest import ROOT
@@ -64,3 +66,28 @@ def test_digest_changes_with_data_contract():
     base = config_mod.load(ROOT / "configs" / "local.yaml")
     changed = config_mod.load(ROOT / "configs" / "local.yaml", ["data.phi.email=mask"])
     assert base.digest() != changed.digest() and base.digest() == config_mod.from_json(base.to_json()).digest()
+
+
+def test_profiles_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config_mod.find_profile("local") == config_mod.PROFILES / "local.yaml"
+    assert config_mod.find_profile("configs/local.yaml") == config_mod.PROFILES / "local.yaml"
+    assert config_mod.load("qwen2.5-0.5b-qlora").name == "qwen2.5-0.5b-qlora"
+    (tmp_path / "mine.yaml").write_text("name: mine\n")
+    assert config_mod.find_profile("mine.yaml") == Path("mine.yaml")  # a path here wins over the bundled names
+    with pytest.raises(config_mod.ConfigError, match=r"nosuch: config file not found \(nor a bundled profile: local"):
+        config_mod.find_profile("nosuch")
+
+
+def test_data_validate_runs_outside_the_checkout(tmp_path):
+    """The default profile is found by name and FILE is relative to where the command runs."""
+    import subprocess
+    import sys
+
+    (tmp_path / "qa.jsonl").write_text('{"question": "What helps a gout flare?", "answer": "Rest and ice."}\n')
+    medtune = Path(sys.executable).parent / "medtune"
+    done = subprocess.run([str(medtune), "data", "validate", "qa.jsonl"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "rows read 1, kept 1, quarantined 0" in done.stdout
+    assert (tmp_path / "medtune-validation" / "validation.json").exists()
