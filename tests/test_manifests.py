@@ -429,3 +429,20 @@ def test_the_deployments_mlflow_command_requires_a_login(rendered, tmp_path):
                 os.environ.pop(key, None)
     finally:
         _stop(server.pid, psutil.Process(server.pid).create_time())
+
+
+def test_every_runtime_dependency_is_pinned_for_the_images():
+    """A dependency added to pyproject.toml but not to images/constraints.txt fails the image build's pip check."""
+    import re
+    import tomllib
+
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {canonicalize_name(re.split(r"[<>=!~\[; ]", dep, maxsplit=1)[0]) for dep in project["dependencies"]}
+    pins = {canonicalize_name(name) for name in _pins(IMAGES / "constraints.txt")}
+    for variant in VARIANTS:
+        listed = {canonicalize_name(n) for n in re.findall(r"^([A-Za-z0-9_.-]+)==",
+                                                           (IMAGES / f"requirements-{variant}.txt").read_text(), re.M)}
+        assert wanted - {"torch"} <= listed, f"{variant}: missing {sorted(wanted - {'torch'} - listed)}"
+    assert wanted <= pins, f"not in images/constraints.txt: {sorted(wanted - pins)}"
