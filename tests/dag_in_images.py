@@ -34,8 +34,8 @@ from medtune import local_run  # noqa: E402
 SAME = ("base_model", "data", "splits", "metrics", "gate")
 # Artifact files that differ between any two runs, container or not: Great Expectations' result ids,
 # timings, the report's run ids, and peft's target_modules (a set, saved in hash-seed order).
-VOLATILE = {"validate_data/validation", "validate_data/data_docs", "train/history", "gate/report",
-            "train/adapter/adapter_config.json"}
+VOLATILE = {"validate_data/validation", "validate_data/data_docs", "select/history", "select/trials", "gate/report",
+            "select/adapter/adapter_config.json"}
 
 
 def compiled_images() -> set[str]:

@@ -2,8 +2,10 @@
 
 The trained output is a whole model directory (no adapter), and every consumer loads it as one: evaluate
 (candidate, and champion once it is registered), the registered pyfunc and `medtune ask`. The tiny model
-is random, so the gate policy here only checks that answers are not all empty; that is enough to take the
-`dsl.If(gate passed)` branch this test is about (tests/test_gate.py covers decisions).
+is random, so its answers score nothing: the gate policy here asks only that the full fine-tune lowers the
+test split's perplexity against the base model (a decision needs a check against base, on at least
+`gate.min_questions` questions); that is enough to take the `dsl.If(gate passed)` branch this test is
+about (tests/test_gate.py and tests/test_gate_dag.py cover the shipped policy).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ QUESTION = "What is high blood pressure?"
 def test_full_fine_tune_is_evaluated_gated_registered_and_answers(tiny_model_dir, tmp_path):
     tree = tiny_config_tree(tiny_model_dir)
     tree["train"].update(method="full", learning_rate=1e-3)
-    tree["gate"] = {"rules": [{"metric": "empty_rate", "max": 1.0}], "promote": True}
+    tree["eval"]["max_rows"] = None  # the whole test split: 30+ questions, the policy's minimum
+    tree["gate"] = {"rules": [{"metric": "perplexity", "min_improvement": 0.0}], "promote": True}
     tree["tracking"]["registered_model"] = "medtune-full-it"
     with medtune_run(tree, tmp_path) as (profile, uri, summary, _):
         assert summary["gate"]["passed"] is True and summary["model_version"] == "medtune-full-it/1"
