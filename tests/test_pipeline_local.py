@@ -82,7 +82,7 @@ def test_splits_are_disjoint_and_fingerprinted(run):
 
 
 def test_training_loss_is_finite_and_falls(run):
-    history = json.loads(_artifact(run, "train", "history").read_text())
+    history = json.loads(_artifact(run, "select", "history").read_text())  # the winning trial's
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == max(h["step"] for h in history) // SHIPPED.train.logging_steps
     assert all(math.isfinite(x) for x in losses)
@@ -159,7 +159,7 @@ def test_the_audit_step_writes_one_record_linked_from_mlflow(run):
     assert record["splits"]["test"]["rows"] > 0
     base = record["base_model"]
     assert base["source"] == "pypi_gguf" and len(base["sha256"]) == 64, "a converted model: by its content"
-    adapter = record["artifacts"]["train/adapter"]
+    adapter = record["artifacts"]["select/adapter"]  # the winning trial's adapter: what evaluate read
     assert adapter["uri"] == run["adapter"] and "adapter_model.safetensors" in adapter["files"]
     assert set(record["artifacts"]) >= {"validate_data/quarantine", "preprocess/test_split", "gate/report",
                                         "register/registration", "push/hub_push"}
