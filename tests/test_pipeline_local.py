@@ -66,7 +66,8 @@ def test_validation_counts_add_up(run):
     quarantine = pd.read_json(_artifact(run, "validate-data", "quarantine"), lines=True)
     assert len(quarantine) == report["rows_quarantined"]
     assert report["rows_kept"] > 100
-    assert set(quarantine["rule"]) <= set(report["quarantined_by_rule"])
+    # The shipped slice may be clean: an empty quarantine file reads as a frame with no columns.
+    assert set(quarantine.get("rule", [])) <= set(report["quarantined_by_rule"])
     docs = _artifact(run, "validate-data", "data_docs").read_text()
     assert "<html" in docs.lower() and "expectation" in docs.lower()
 

@@ -49,11 +49,13 @@ def measure_matmul_peak(shapes: Counter, tokens: int, dtype: torch.dtype, device
     """FLOP/s of the forward (x @ W.T) and input-gradient (dy @ W) matmuls of these Linear shapes at `tokens`
     rows, weighted by how often each shape occurs: the rate a LoRA step's matmuls could reach on this device.
     Each shape counts its best of `repeats` timings (a shared machine only ever makes it slower)."""
+    # Its own generator: probing mid-training must not move the global RNG that dropout and the data order
+    # draw from, or a run resumed from a checkpoint would no longer match an uninterrupted one.
+    rng = torch.Generator(device=device).manual_seed(0)
     flops = seconds = 0.0
     for (n_in, n_out), count in shapes.items():
-        w = torch.randn(n_out, n_in, dtype=dtype, device=device)
-        x = torch.randn(tokens, n_in, dtype=dtype, device=device)
-        dy = torch.randn(tokens, n_out, dtype=dtype, device=device)
+        w, x, dy = (torch.randn(*shape, dtype=dtype, device=device, generator=rng)
+                    for shape in ((n_out, n_in), (tokens, n_in), (tokens, n_out)))
         flops += count * 4 * tokens * n_in * n_out
         seconds += count * _best_time(lambda: (x @ w.T, dy @ w), device, repeats)
     return flops / seconds
