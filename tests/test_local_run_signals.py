@@ -18,11 +18,11 @@ from conftest import ROOT, SAMPLE
 MEDTUNE = Path(sys.executable).parent / "medtune"
 
 
-def _train_task(proc: subprocess.Popen, timeout_s: float = 600) -> psutil.Process:
+def _train_task(proc: subprocess.Popen, log: Path, timeout_s: float = 600) -> psutil.Process:
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert proc.poll() is None, f"medtune run ended before training: {proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, f"medtune run ended before training: {log.read_text()[-3000:]}"
         for child in parent.children(recursive=True):
             try:
                 cmdline = child.cmdline()
@@ -40,13 +40,16 @@ def test_sigterm_stops_the_running_task_and_the_mlflow_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     args = [str(MEDTUNE), "run", "--config", str(ROOT / "configs" / "local.yaml"),
             "--set", f"data.path={SAMPLE}"]  # the profile's path is relative to the repository
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe nobody drains: a full pipe would block the run and look like a hang.
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        task = _train_task(proc)
+        task = _train_task(proc, log)
         server = json.loads((tmp_path / ".medtune" / "mlflow" / "server.json").read_text())
         proc.send_signal(signal.SIGTERM)
         # the train task finishes its step and saves a checkpoint first (SigtermCheckpoint): slow on a loaded CPU
-        assert proc.wait(timeout=240) == 143
+        assert proc.wait(timeout=240) == 143, log.read_text()[-3000:]
         gone, alive = psutil.wait_procs([task], timeout=30)
         assert task in gone and not alive, "the train task outlived the run"
         assert not psutil.pid_exists(server["pid"]) or psutil.Process(server["pid"]).status() == "zombie"
