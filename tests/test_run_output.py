@@ -81,6 +81,14 @@ def test_each_step_output_is_in_its_log_file(piped):
     assert "Executing task 'evaluate'" in (logs / "evaluate.log").read_text()
     summary = json.loads((piped["workdir"] / "runs" / "piped" / "run.json").read_text())
     assert summary["logs"] == str(logs)
+    # the audit record points at them: every step that ran before the audit, and the audit itself
+    audit = "audit" if (logs / "audit.log").exists() else "audit-2"
+    record = json.loads(next((piped["workdir"] / "runs" / "piped" / "artifacts").glob(f"*/{audit}/lineage"))
+                        .read_text())
+    assert record["logs"]["dir"] == str(logs)
+    listed = record["logs"]["steps"]
+    assert {"validate-data", "preprocess", "train", "evaluate", "gate", audit} <= set(listed)
+    assert all(Path(path) == logs / f"{step}.log" and Path(path).exists() for step, path in listed.items())
 
 
 def test_every_printed_url_resolves_on_the_server_medtune_ui_starts(piped):

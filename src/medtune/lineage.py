@@ -28,6 +28,9 @@ Schema `medtune.lineage/3` (bump the number on any incompatible change; `verify`
   hub        the push step's result (repo, commit, tags) or null when the gate did not pass
   deployment the deploy step's result: {deployed, name, namespace, generation, image, image_digest,
              served_model, ...} or {deployed: false, skipped: why}; null when the gate did not pass
+  trials     every sweep trial (settings, status, metrics, adapter hash), the winner marked
+  logs       {dir, steps {step: path}}: each step's full output as `medtune run` wrote it (steps up to and
+             including this one); null on Kubeflow, where each pod's log stays with the KFP run
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ FILENAME = "lineage.json"
 LOCK = Path(os.environ.get("MEDTUNE_LOCK", Path(__file__).resolve().parents[2] / "requirements.lock"))
 # Bookkeeping kfp.local writes next to the artifacts; not outputs of medtune.
 IGNORED = {"executor_output.json"}
+# `medtune run` tells its tasks where it writes their output (logs/<step>.log) so the record can point there.
+STEP_LOGS = "MEDTUNE_STEP_LOGS"
 
 
 class Stored(NamedTuple):
@@ -153,7 +158,17 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
         "deployment": documents.get("deployment"),
         # every trial of the sweep: settings, status, metrics, adapter hash; `winner` marks the one evaluated
         "trials": documents.get("trials"),
+        "logs": step_logs(),
     }
+
+
+def step_logs() -> dict | None:
+    """The step log files of this run so far, when `medtune run` writes them (no hashes: the audit step's own
+    log is still being written, and the others are buffered by the process that routes them)."""
+    folder = os.environ.get(STEP_LOGS)
+    if not folder:
+        return None
+    return {"dir": folder, "steps": {path.stem: str(path) for path in sorted(Path(folder).glob("*.log"))}}
 
 
 def _artifact(stored: Stored) -> dict:

@@ -72,6 +72,7 @@ def _run_with(cfg: Config, uri: str, output_dir: Path, console, verbose: bool, r
     pipeline = components.load_component_from_file(str(compiled_pipeline_path()))
     view = runview.RunView(output_dir / "logs", runview.dag_tasks(compiled_pipeline_path()), console,
                            live=console.is_terminal, verbose=verbose)
+    os.environ[lineage.STEP_LOGS] = str(view.log_dir)  # the tasks inherit it; the audit record lists the logs
     try:
         with view, redirect_stdout(view), redirect_stderr(view):
             task = pipeline(config=cfg.to_json(), requested_by=digests.requester())

@@ -200,7 +200,8 @@ class RunView(io.TextIOBase):
         name = self.current or "medtune"
         handle = self._files.get(name)
         if handle is None:
-            handle = self._files[name] = self.log_path(name).open("a", encoding="utf-8")
+            # line-buffered: `tail -f logs/<step>.log` follows a long step as it runs
+            handle = self._files[name] = self.log_path(name).open("a", encoding="utf-8", buffering=1)
         handle.write(line + "\n")
 
     def _start(self, task: str) -> None:
