@@ -272,6 +272,7 @@ def test_disabled_stage_passes_the_sft_adapter_and_history_through(tiny_model_di
     out = step.run(cfg.to_json(), "run", str(sft_dir), str(history), "", "", "", str(tmp_path / "adapter"),
                    str(tmp_path / "history-out.json"), str(tmp_path / "pairs"), str(summary), str(tmp_path / "work"))
     assert out["enabled"] is False and json.loads(summary.read_text()) == out
+    assert json.loads((tmp_path / "pairs" / "summary.json").read_text()) == out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
     assert json.loads((tmp_path / "history-out.json").read_text()) == [{"step": 1, "loss": 2.0}]
     assert pref.closing_note(out, {"passed": True}, {}) == []

@@ -37,7 +37,8 @@ def run(config_json: str, run_id: str, sft_dir: str, sft_history_path: str, trai
         shutil.copytree(sft_dir, adapter_dir, dirs_exist_ok=True)
         shutil.copyfile(sft_history_path, history_path)
         summary = {"enabled": False, "reason": "preference.enabled is false: the SFT result went on unchanged"}
-        Path(summary_path).write_text(json.dumps(summary, indent=1))
+        for path in (Path(summary_path), Path(pairs_dir) / "summary.json"):  # no pairs: an artifact says why
+            path.write_text(json.dumps(summary, indent=1))
         runview.emit(headline="off (preference.enabled is false)")
         return summary
     sft_history = json.loads(Path(sft_history_path).read_text())
