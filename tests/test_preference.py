@@ -323,7 +323,8 @@ def test_enabled_step_tunes_a_whole_model_logs_its_pairs_and_evaluate_scores_bot
 def test_report_shows_the_held_out_preference_curve_and_the_sft_only_decision():
     from medtune import report
 
-    history = [{"step": 4, "loss": 1.0}, {"step": 0, "dpo_eval_rewards/margins": 0.0, "dpo_eval_rewards/accuracies": 0.0},
+    history = [{"step": 4, "loss": 1.0},
+               {"step": 0, "dpo_eval_rewards/margins": 0.0, "dpo_eval_rewards/accuracies": 0.0},
                {"step": 2, "dpo_eval_rewards/margins": 0.4, "dpo_eval_rewards/accuracies": 0.8}]
     comparison = {"kind": "free_text", "base": {"rougeL": 0.1}, "candidate": {"rougeL": 0.3}, "sft": {"rougeL": 0.25},
                   "ci": {"candidate_vs_sft": {"rougeL": {"delta": 0.05, "low": 0.01, "high": 0.09,

@@ -3,8 +3,8 @@ preference stage also the SFT-only result the candidate was tuned from (`sft`), 
 
 All answer with greedy decoding. The base model is loaded once; the candidate's adapter is switched off
 for the base pass and the other adapters (SFT-only, the champion's: always of the profile's base model) are
-loaded next to it, so the models differ in their adapters and nothing else. Rows that share a question are scored as one
-question with several references (the best reference counts).
+loaded next to it, so the models differ in their adapters and nothing else. Rows that share a question are
+scored as one question with several references (the best reference counts).
 
 Each model also gets a perplexity on reference answers (answer tokens only, given the prompt; by default
 on the validation split) so a broken model shows up even when its answers happen to overlap.

@@ -14,9 +14,10 @@ The rules are the profile's `gate.rules` (on the run's own test split) and each 
 
 And per decision: every set a rule reads must have at least `gate.min_questions` scored questions, and at
 least one check must compare the candidate with the base model (a policy of floors alone, or one whose
-every comparison was skipped, cannot promote). When a preference stage made the candidate, the decision also
-says what the same policy makes of the SFT-only result (`sft_only`); only the candidate's verdict counts. A metric that is missing or not a finite number fails its
-check: a gate that cannot measure must not pass. A rejected candidate is a decision, not an error.
+every comparison was skipped, cannot promote). A metric that is missing or not a finite number fails its
+check: a gate that cannot measure must not pass. A rejected candidate is a decision, not an error. When a
+preference stage made the candidate, the decision also says what the same policy makes of the SFT-only
+result (`sft_only`); only the candidate's verdict counts.
 """
 
 from __future__ import annotations

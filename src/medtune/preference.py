@@ -127,7 +127,8 @@ def self_play_pairs(cfg: Config, model, tokenizer, train_rows: pd.DataFrame, val
         overlap = np.array([token_f1(r, [c]) for c, r in zip(frame["chosen"], frame["rejected"])])
         near = overlap >= p.near_identical
         dropped += [_dropped(r, "pair.near_identical", f"token F1 {f:.2f} >= preference.near_identical="
-                             f"{p.near_identical}") for r, f in zip(frame[near].to_dict(orient="records"), overlap[near])]
+                             f"{p.near_identical}")
+                    for r, f in zip(frame[near].to_dict(orient="records"), overlap[near])]
         by_rule["pair.near_identical"] += int(near.sum())
         frames[name] = frame[~near].reset_index(drop=True)
     counts = {"rows_read": read, "rows_quarantined": 0, "quarantined_by_rule": {}, "dropped_by_rule": by_rule}
