@@ -86,6 +86,19 @@ def tiny_config(tiny_model_dir) -> config_mod.Config:
     return config_mod.from_dict(tiny_config_tree(tiny_model_dir))
 
 
+@pytest.fixture(scope="session")
+def splits(tiny_model_dir) -> dict:
+    """The sample data prepared (normalised, split, rendered) for the tiny model: train/validation/test frames."""
+    import pandas as pd
+
+    from medtune import models
+    from medtune import preprocess as prep
+
+    cfg = config_mod.from_dict(tiny_config_tree(tiny_model_dir))
+    rows = pd.read_json(SAMPLE, orient="records", lines=True)
+    return prep.prepare(rows, models.load_tokenizer(cfg.model), cfg.preprocess).splits
+
+
 def open_sqlite_run(tree: dict, tmp_path: Path, experiment: str) -> tuple[str, str]:
     """Point the config `tree` at a real SQLite MLflow store in tmp_path and open a parent run there.
 

@@ -168,8 +168,10 @@ def test_the_audit_step_writes_one_record_linked_from_mlflow(run):
     assert record["splits"]["test"]["rows"] > 0
     base = record["base_model"]
     assert base["source"] == "pypi_gguf" and len(base["sha256"]) == 64, "a converted model: by its content"
-    adapter = record["artifacts"]["select/adapter"]  # the winning trial's adapter: what evaluate read
+    adapter = record["artifacts"]["preference/adapter"]  # what evaluate read: the winning trial's, passed on
     assert adapter["uri"] == run["adapter"] and "adapter_model.safetensors" in adapter["files"]
+    assert adapter["files"] == record["artifacts"]["select/adapter"]["files"]  # preference.enabled is false
+    assert record["preference"]["enabled"] is False
     assert set(record["artifacts"]) >= {"validate_data/quarantine", "preprocess/test_split", "gate/report"}
     assert ({"register/registration", "push/hub_push"} <= set(record["artifacts"])) == run["gate"]["passed"]
 

@@ -34,10 +34,10 @@ def test_two_trial_sweep_evaluates_only_the_lower_validation_loss(tiny_model_dir
         assert table["winner"] == winner and [t["winner"] for t in table["trials"]] == [i == winner for i in (0, 1)]
         assert summary["trials"]["winner"] == winner
         assert f"eval_loss {losses[winner]:.4f} (winner)" in console
-        # The adapter evaluate read is the winner's: same files, and the loser's differs.
+        # The adapter evaluate read (passed on by the preference step) is the winner's; the loser's differs.
         from medtune.lineage import hash_files, tree_digest
 
-        evaluated = tree_digest(hash_files(tasks / "select" / "adapter"))
+        evaluated = tree_digest(hash_files(tasks / "preference" / "adapter"))
         assert evaluated == outcomes[winner]["adapter_sha256"] != outcomes[1 - winner]["adapter_sha256"]
 
         record = json.loads(Path(summary["lineage"]).read_text())

@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,20 +20,13 @@ from medtune import config as config_mod
 from medtune import models
 from medtune import preprocess as prep
 from medtune import train as trainer_mod
-from conftest import ROOT, SAMPLE, tiny_config_tree
+from conftest import ROOT, tiny_config_tree
 
 
 def _cfg(model_dir: Path, **train) -> config_mod.Config:
     tree = tiny_config_tree(model_dir)
     tree["train"].update({"checkpoint_steps": 0, **train})
     return config_mod.from_dict(tree)
-
-
-@pytest.fixture(scope="module")
-def splits(tiny_model_dir) -> dict[str, pd.DataFrame]:
-    cfg = _cfg(tiny_model_dir)
-    rows = pd.read_json(SAMPLE, orient="records", lines=True)
-    return prep.prepare(rows, models.load_tokenizer(cfg.model), cfg.preprocess).splits
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,8 @@ def run(config: Path = ConfigOpt, set_: list[str] = SetOpt, output_dir: Path = t
                   f"{summary['gate']['summary']}", highlight=False)
     for line in sweep.closing_note(summary["trials"]) if len(summary["trials"]["trials"]) > 1 else []:
         console.print(f"[bold]{'sweep':>14}[/]: {line}", highlight=False, soft_wrap=True)
+    for line in summary["preference"]["closing_note"]:
+        console.print(f"[bold]{'preference':>14}[/]: {line}", highlight=False, soft_wrap=True)
     if not cfg.tracking.tracking_uri:
         console.print("the MLflow server of this run has stopped; `medtune ui` serves these links again",
                       style="dim", highlight=False)

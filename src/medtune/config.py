@@ -19,7 +19,8 @@ from medtune.images import CPU_IMAGE, GPU_IMAGE, IMAGE_REF
 
 from medtune import metric_catalog
 
-CANONICAL_COLUMNS = ("id", "question", "answer", "context", "focus", "qtype", "source", "choices")
+# `rejected`: preference data only (prompt -> question, chosen -> answer, rejected; see medtune.preference).
+CANONICAL_COLUMNS = ("id", "question", "answer", "context", "focus", "qtype", "source", "choices", "rejected")
 
 
 class Strict(BaseModel):
@@ -27,7 +28,7 @@ class Strict(BaseModel):
 
 
 PhiAction = Literal["block", "mask", "off"]
-CanonicalColumn = Literal["id", "question", "answer", "context", "focus", "qtype", "source", "choices"]
+CanonicalColumn = Literal["id", "question", "answer", "context", "focus", "qtype", "source", "choices", "rejected"]
 SetKind = Literal["free_text", "closed_form"]
 # Question and answer bounds per kind: exam vignettes run to thousands of characters, and a closed-form
 # answer may be a single letter.
@@ -146,12 +147,29 @@ class QuantSettings(Strict):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
+class EarlyStopping(Strict):
+    """Stop after `patience` validations without an improvement larger than `threshold`, then restore the best
+    checkpoint (transformers' EarlyStoppingCallback with load_best_model_at_end): what is saved is the best
+    model seen, not the last. Checkpoints are then written at every validation."""
+
+    patience: int = Field(ge=1, description="Validations without improvement before stopping.")
+    threshold: float = Field(0.0, ge=0.0, description="An improvement must exceed this to reset the patience.")
+
+
+# Methods whose result is an adapter of the base model; the others (full, feature) save a whole model.
+ADAPTER_METHODS = ("lora", "qlora")
+
+
 class TrainConfig(Strict):
-    method: Literal["lora", "qlora", "full"] = "lora"
+    # feature: the backbone frozen, only the top `feature_layers` decoder blocks and/or the LM head train.
+    method: Literal["lora", "qlora", "full", "feature"] = "lora"
     lora: LoraSettings = LoraSettings()
     quantization: QuantSettings = QuantSettings()
     freeze_layers: int = Field(0, ge=0, description="method=full: freeze the embeddings and the first N decoder "
-                                                    "layers (the feature-based variant).")
+                                                    "layers.")
+    feature_layers: int = Field(2, ge=0, description="method=feature: how many of the top decoder blocks train.")
+    feature_head: bool = Field(True, description="method=feature: train the LM head (untied from the embeddings "
+                                                 "when they share weights, so the input side stays frozen).")
     # auto: bfloat16 weights where matmuls are fast in bf16 (recent GPUs, CPUs with AVX512-BF16/AMX), else float32.
     # On a CPU without native bf16 a bf16 matmul is several times slower than float32.
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
@@ -174,8 +192,8 @@ class TrainConfig(Strict):
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only (prompt masked).")
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; None: once per epoch.")
-    early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many validations without a lower validation loss.")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="By validation loss, restoring the best checkpoint at the end; None: train to the end.")
     checkpoint_steps: int = Field(50, ge=0, description="Save a resumable checkpoint every N steps; 0: never.")
     checkpoint_dir: str | None = Field(
         None, description="Root for checkpoints (a PVC on the cluster); None: the step's work dir (no resume).")
@@ -194,6 +212,8 @@ class TrainConfig(Strict):
     def _method_fields(self) -> TrainConfig:
         if self.freeze_layers and self.method != "full":
             raise ValueError("train.freeze_layers applies to method=full only")
+        if self.method == "feature" and not (self.feature_layers or self.feature_head):
+            raise ValueError("method=feature trains nothing: set train.feature_layers > 0 or train.feature_head")
         if self.packing and self.padding_free is False:
             raise ValueError("train.packing needs train.padding_free=true (TRL packs into padding-free rows)")
         return self
@@ -295,6 +315,38 @@ class EvalConfig(Strict):
         if len(set(names)) != len(names) or "test" in names:
             raise ValueError(f"eval.suites names must be unique and not 'test' (the own split): {names}")
         return self
+
+
+class PreferenceConfig(Strict):
+    """Direct preference optimisation (TRL's DPOTrainer) after SFT, continuing the SFT result.
+
+    The reference policy is the SFT model, so `beta` bounds how far preference tuning may move away from it.
+    Pairs come from `data` (prompt/chosen/rejected, validated like any data) or, when it is None, from the SFT
+    training split: chosen = the reference answer, rejected = the SFT model's own greedy answer (self-play).
+    """
+
+    enabled: bool = Field(False, description="False: the preference step passes the SFT result on unchanged.")
+    data: DataConfig | None = Field(None, description="Preference dataset; None: self-play pairs from the SFT data.")
+    beta: float = Field(0.1, gt=0.0, description="Strength of the pull back to the SFT policy (IPO: tau).")
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    sft_weight: float = Field(0.0, ge=0.0, description="Weight of an added NLL loss on the chosen answer; keeps "
+                                                       "its likelihood from falling while the margin grows.")
+    learning_rate: float = Field(2e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="-1 trains for `epochs`; a positive value caps the steps.")
+    batch_size: int = Field(4, ge=1, description="Pairs per step (each pair is two sequences).")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=16, description="Prompt + answer tokens; longer pairs are cut at the end.")
+    max_pairs: int | None = Field(None, ge=1, description="Self-play: cap on the questions answered per split "
+                                                          "(the generation is the slow part).")
+    max_new_tokens: int | None = Field(None, ge=1, description="Self-play answer length; None: eval.max_new_tokens.")
+    near_identical: float = Field(0.9, gt=0.0, le=1.0, description="Self-play pairs whose answers reach this token "
+                                                                  "F1 are dropped (no preference to learn).")
+    logging_steps: int = Field(2, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="Validate every N steps; None: once per epoch.")
+    early_stopping: EarlyStopping | None = Field(
+        None, description="By held-out reward margin, restoring the best checkpoint at the end.")
+    seed: int = 42
 
 
 class GateConfig(Strict):
@@ -572,6 +624,7 @@ class Config(Strict):
     serve: ServeConfig = ServeConfig()
     deploy: DeployConfig = DeployConfig()
     sweep: SweepConfig = SweepConfig()
+    preference: PreferenceConfig = PreferenceConfig()
 
     @model_validator(mode="after")
     def _trials_valid(self) -> Config:

@@ -1,9 +1,10 @@
-"""Score the base model, the candidate (base + adapter) and the champion on the same held-out questions.
+"""Score the base model, the candidate (base + adapter) and the champion on the same held-out questions; with a
+preference stage also the SFT-only result the candidate was tuned from (`sft`), so what DPO added is measured.
 
 All answer with greedy decoding. The base model is loaded once; the candidate's adapter is switched off
-for the base pass and the champion's adapter (always of the profile's base model) is loaded next to it,
-so the models differ in their adapters and nothing else. Rows that share a question are scored as one
-question with several references (the best reference counts).
+for the base pass and the other adapters (SFT-only, the champion's: always of the profile's base model) are
+loaded next to it, so the models differ in their adapters and nothing else. Rows that share a question are
+scored as one question with several references (the best reference counts).
 
 Each model also gets a perplexity on reference answers (answer tokens only, given the prompt; by default
 on the validation split) so a broken model shows up even when its answers happen to overlap.
@@ -166,6 +167,11 @@ class Evaluation:
 
     def comparison(self) -> dict:
         base, candidate = self.base, self.candidate
+        # the SFT-only result: its scores and how the candidate (after DPO) and it compare with the others
+        sft = {} if "sft" not in self.runs else {
+            "sft": self.runs["sft"].values(),
+            "ci": {"candidate_vs_sft": self.intervals("candidate", "sft"), "sft_vs_base": self.intervals("sft", "base"),
+                   "sft_vs_champion": self.intervals("sft", "champion")}}
         return {
             "kind": self.kind,
             "n": int(len(self.items)),
@@ -175,8 +181,9 @@ class Evaluation:
             "champion": self.champion,
             "champion_info": self.champion_info,
             "delta": None if candidate is None else {k: candidate[k] - base[k] for k in candidate if k in base},
+            **({"sft": sft["sft"]} if sft else {}),
             "ci": {"candidate_vs_base": self.intervals("candidate", "base"),
-                   "candidate_vs_champion": self.intervals("candidate", "champion")},
+                   "candidate_vs_champion": self.intervals("candidate", "champion"), **sft.get("ci", {})},
             "bootstrap": self.bootstrap,
             "perplexity_split": self.perplexity_split,
             "scoring": self.scoring,
@@ -267,10 +274,11 @@ def own_split_set(cfg: Config, items: pd.DataFrame) -> ScoredSet:
 
 def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
              perplexity_rows: pd.DataFrame | None = None, champion=None, champion_info: dict | None = None,
-             perplexity_split: str = "validation", suites: list[ScoredSet] = ()) -> Evaluation:
+             perplexity_split: str = "validation", suites: list[ScoredSet] = (), sft_dir: Path | None = None
+             ) -> Evaluation:
     """Answer and score `test_rows` and every suite with the base model, the candidate (if an adapter is
-    given) and the champion (if one is given); perplexity on `perplexity_rows` (default: the test rows'
-    references)."""
+    given), the SFT-only result it was preference-tuned from (`sft_dir`, if given) and the champion (if one is
+    given); perplexity on `perplexity_rows` (default: the test rows' references)."""
     from peft import PeftModel
 
     from medtune.preprocess import render_prompt
@@ -291,20 +299,19 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     champion_info = dict(champion_info or {"available": False, "reason": "champion comparison not requested"})
 
     model = models.load_model(cfg.model, cfg.train).to(models.device())
-    adapters = []
-    # A LoRA/QLoRA candidate shares the base model's weights; a full one (train.method full) is its own model.
-    full_candidate = adapter_dir is not None and not models.is_adapter_dir(adapter_dir)
-    if adapter_dir is not None and not full_candidate:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name="candidate")
-        adapters.append("candidate")
-    # The champion is an adapter of the profile's base model or a full model (see medtune.champion).
+    # A LoRA/QLoRA result shares the base model's weights; a whole one (train.method full or feature) is its own
+    # model. The champion is an adapter of the profile's base model or a full model (see medtune.champion).
+    trained = {name: Path(path) for name, path in (("candidate", adapter_dir), ("sft", sft_dir)) if path is not None}
+    shared = {name: path for name, path in trained.items() if models.is_adapter_dir(path)}
     shared_champion = champion is not None and models.is_adapter_dir(champion.adapter_dir)
     if shared_champion:
-        if adapters:
-            model.load_adapter(str(champion.adapter_dir), adapter_name="champion")
+        shared["champion"] = champion.adapter_dir
+    for name, path in shared.items():
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=name)
         else:
-            model = PeftModel.from_pretrained(model, str(champion.adapter_dir), adapter_name="champion")
-        adapters.append("champion")
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+    adapters = list(shared)
     model.config.use_cache = True
 
     def run(name: str, m, tok, model_prompts, model_ppl_prompts) -> dict[str, ModelRun]:
@@ -325,9 +332,9 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     else:
         runs["base"] = run("base model", model, tokenizer, prompts, ppl_prompts)
     del model
-    if full_candidate:
-        runs["candidate"] = run("candidate", models.load_trained(cfg.model, cfg.train, adapter_dir), tokenizer,
-                                prompts, ppl_prompts)
+    for name, path in trained.items():
+        if name not in shared:
+            runs[name] = run(name, models.load_trained(cfg.model, cfg.train, path), tokenizer, prompts, ppl_prompts)
     if champion is not None and not shared_champion:
         runs_champion = _separate_champion(cfg, champion, items, perplexity_rows, run)
         if runs_champion is None:

@@ -15,7 +15,9 @@ The rules are the profile's `gate.rules` (on the run's own test split) and each 
 And per decision: every set a rule reads must have at least `gate.min_questions` scored questions, and at
 least one check must compare the candidate with the base model (a policy of floors alone, or one whose
 every comparison was skipped, cannot promote). A metric that is missing or not a finite number fails its
-check: a gate that cannot measure must not pass. A rejected candidate is a decision, not an error.
+check: a gate that cannot measure must not pass. A rejected candidate is a decision, not an error. When a
+preference stage made the candidate, the decision also says what the same policy makes of the SFT-only
+result (`sft_only`); only the candidate's verdict counts.
 """
 
 from __future__ import annotations
@@ -165,9 +167,25 @@ def decide(cfg: Config, comparison: dict) -> dict:
     else:
         summary = "failed: " + "; ".join(failed)
     champion_info = comparison.get("champion_info") or None
-    return {"passed": passed, "summary": summary, "checks": checks, "promote": bool(passed and cfg.gate.promote),
-            "policy": cfg.policy(), "policy_sha256": cfg.policy_digest(), "champion": champion_info,
-            "headline": headline(comparison)}
+    decision = {"passed": passed, "summary": summary, "checks": checks, "promote": bool(passed and cfg.gate.promote),
+                "policy": cfg.policy(), "policy_sha256": cfg.policy_digest(), "champion": champion_info,
+                "headline": headline(comparison)}
+    if comparison.get("sft") is not None:
+        sft_only = decide(cfg, as_candidate(comparison, "sft"))
+        decision["sft_only"] = {"passed": sft_only["passed"], "summary": sft_only["summary"]}
+    return decision
+
+
+def as_candidate(comparison: dict, model: str) -> dict:
+    """The comparison with `model` (the SFT-only result) in the candidate's place, on the split and every suite."""
+    def swap(scored: dict) -> dict:
+        ci = scored.get("ci") or {}
+        rest = {k: v for k, v in scored.items() if k not in (model, "suites")}
+        return {**rest, "candidate": scored.get(model),
+                "ci": {"candidate_vs_base": ci.get(f"{model}_vs_base"),
+                       "candidate_vs_champion": ci.get(f"{model}_vs_champion")}}
+
+    return {**swap(comparison), "suites": {name: swap(s) for name, s in (comparison.get("suites") or {}).items()}}
 
 
 def _fmt(value) -> str:

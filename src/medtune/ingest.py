@@ -82,6 +82,16 @@ class Source:
     location: Path | str | None = None  # the folder/archive (medquad) or dataset (hf)
 
 
+def conversation_text(value, role: str):
+    """Preference data in the conversational form: the text of the last `role` message of a message list
+    (the prompt's user turn, the answer's assistant turn). Anything else is returned as it is, so the data
+    contract's type rule names it."""
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "content" in m for m in value):
+        return value
+    turns = [m["content"] for m in value if m.get("role") == role]
+    return turns[-1] if turns else value
+
+
 def quarantine_record(row: dict, file: str, line: int | None, rule: str, detail: str) -> dict:
     return {"file": file, "line": line, "rule": rule, "detail": detail, "row": row}
 

@@ -22,7 +22,10 @@ Schema `medtune.lineage/3` (bump the number on any incompatible change; `verify`
              hf:// data also revision (as asked) and commit (of the downloaded snapshot the files are from)
   splits     {name: {rows, fingerprint}}
   artifacts  {"task/output": {uri, sha256, files {relative path: sha256}}}
-  metrics    {base, candidate, champion, ci}
+  metrics    {base, candidate, sft, champion, ci, suites}; sft: the SFT-only result, when a preference stage ran
+  preference the preference step's summary: {enabled: false, reason} or {enabled: true, pairs {source, rows_read,
+             rows_quarantined, quarantined_by_rule, dropped_by_rule, splits {name: {pairs, fingerprint}}},
+             metrics (held-out accuracy and margin before/after, best step)}
   gate       {passed, promote, summary, approved_by}
   mlflow     {tracking_uri, run_id, model_version, model_uri, aliases}
   hub        the push step's result (repo, commit, tags) or null when the gate did not pass
@@ -145,7 +148,8 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
                  **{k: validation[k] for k in ("rows_read", "rows_kept", "rows_quarantined")}},
         "splits": {name: {"rows": s["rows"], "fingerprint": s["fingerprint"]} for name, s in splits.items()},
         "artifacts": {key: _artifact(stored) for key, stored in sorted(artifacts.items())},
-        "metrics": {k: comparison.get(k) for k in ("base", "candidate", "champion", "ci", "suites")},
+        "metrics": {k: comparison.get(k) for k in ("base", "candidate", "sft", "champion", "ci", "suites")},
+        "preference": documents.get("preference"),
         "gate": {"passed": decision["passed"], "promote": decision.get("promote", False),
                  "summary": decision["summary"],
                  "approved_by": f"gate policy sha256 {cfg.policy_digest()} (automatic; see Config.policy: "

@@ -133,6 +133,11 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         summary["registration"] = registered
     # every trial of the sweep and the winner (select ran in every run: one trial without a sweep)
     summary["trials"] = json.loads((tasks / "select" / "trials").read_text())
+    # the preference stage (DPO after SFT, or a pass-through) and, when it ran, what it added
+    from medtune.preference import closing_note
+
+    stage = json.loads((tasks / "preference" / "summary").read_text())
+    summary["preference"] = {**stage, "closing_note": closing_note(stage, decision, comparison)}
     for key, found in (("hub", "push/hub_push"), ("deployment", "deploy/deployment")):
         path = next(tasks.glob(found), None)
         if path:

@@ -11,8 +11,9 @@ from typing import Literal, NamedTuple
 
 Direction = Literal["higher", "lower", "none"]
 Kind = Literal["free_text", "closed_form", "quality"]
-# The models one evaluation compares, in report order.
-MODELS = ("base", "candidate", "champion")
+# The models one evaluation compares, in report order. sft: the SFT-only result the candidate was preference-tuned
+# from, scored only when the preference stage ran.
+MODELS = ("base", "candidate", "sft", "champion")
 
 
 class Metric(NamedTuple):

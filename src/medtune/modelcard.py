@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from medtune.config import Config
+from medtune.config import ADAPTER_METHODS, Config
 
 REPORTED = ("token_f1", "rougeL", "rouge1", "rouge2", "bleu", "exact_match")
 
@@ -18,9 +18,9 @@ TEMPLATE = """
 
 # {{ model_name }}
 
-{% if method == "full" -%}
-**{{ base_model }}** with all its weights fine-tuned by [medtune](https://github.com/medtune/medtune) for
-medical question answering. Loads with plain `transformers`.
+{% if full -%}
+**{{ base_model }}** with its weights fine-tuned ({{ method }}) by [medtune](https://github.com/medtune/medtune)
+for medical question answering. Loads with plain `transformers`.
 {%- elif merged -%}
 **{{ base_model }}** with a {{ method }} adapter merged into its weights, fine-tuned by
 [medtune](https://github.com/medtune/medtune) for medical question answering. Loads with plain `transformers`.
@@ -90,7 +90,7 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
                           dataset_name=f"{cfg.name} test split", dataset_split="test", metric_type=metric,
                           metric_name=metric, metric_value=round(candidate[metric], 4))
                for metric in REPORTED if candidate.get(metric) is not None]
-    full = cfg.train.method == "full"  # a whole model, not an adapter
+    full = cfg.train.method not in ADAPTER_METHODS  # a whole model, not an adapter
     data = ModelCardData(base_model=cfg.model.id,
                          base_model_relation="finetune" if full else "merge" if merged else "adapter",
                          library_name="transformers" if full or merged else "peft", license=cfg.hub.license,
@@ -111,5 +111,5 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
         data, template_str=TEMPLATE, model_name=repo, base_model=cfg.model.id,
         method=cfg.train.method, run_id=run_id, data_path=cfg.data.path, data_sha256=data_sha256 or "n/a",
         splits=splits, n=comparison.get("n", "?"), confidence=confidence, rows=rows, gate=decision, checks=checks,
-        registration=registration, merged=merged,
+        registration=registration, merged=merged, full=full,
     ).content

@@ -1,9 +1,10 @@
-"""The medtune DAG: validate -> preprocess -> train (one task per sweep trial) -> select -> evaluate -> gate
--> register -> push -> deploy -> audit.
+"""The medtune DAG: validate -> preprocess -> train (one task per sweep trial) -> select -> preference -> evaluate
+-> gate -> register -> push -> deploy -> audit.
 
 Training always fans out over the sweep's trials (`dsl.ParallelFor`, at most `sweep.parallelism` at once); a
 config without a sweep has one trial, so the plain pipeline is a sweep of size 1. `select` collects every
-trial (`dsl.Collected`) and only the winner's adapter and history go on.
+trial (`dsl.Collected`) and only the winner's adapter and history go on, to `preference`: DPO after SFT when
+the run's config enables it, otherwise a pass-through, so the DAG has one shape whatever the run asks.
 
 The gate decides the branch: a passing run is registered, pushed, deployed (KServe), then audited; a failing
 one is audited only. Either way the run ends with its audit record (lineage.json).
@@ -22,8 +23,8 @@ from kfp.dsl import HTML, Artifact, Model
 
 from medtune import config as config_mod
 from medtune import images, pins, steps
-from medtune.steps import (audit, deploy, evaluate, gate, open_run, preprocess, push, register, select,  # noqa: F401
-                           train, trials, validate_data)
+from medtune.steps import (audit, deploy, evaluate, gate, open_run, preference, preprocess, push,  # noqa: F401
+                           register, select, train, trials, validate_data)
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: profiles under configs/, the IR under pipelines/
 CLUSTER_PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
@@ -65,18 +66,24 @@ def build(profile: config_mod.Profile):
         best = select.component(config=config, run_id=run_id, outcomes=dsl.Collected(trained.outputs["outcome"]),
                                 adapters=dsl.Collected(trained.outputs["adapter"]),
                                 histories=dsl.Collected(trained.outputs["history"]))
+        preferred = preference.component(config=config, run_id=run_id, sft_adapter=best.outputs["adapter"],
+                                         sft_history=best.outputs["history"],
+                                         train_split=splits.outputs["train_split"],
+                                         validation_split=splits.outputs["validation_split"],
+                                         test_split=splits.outputs["test_split"])
+        adapter = preferred.outputs["adapter"]  # what is evaluated, gated, registered, pushed and served
         scored = evaluate.component(config=config, run_id=run_id, test_split=splits.outputs["test_split"],
-                                    validation_split=splits.outputs["validation_split"],
-                                    adapter=best.outputs["adapter"])
+                                    validation_split=splits.outputs["validation_split"], adapter=adapter,
+                                    sft_adapter=best.outputs["adapter"])
         verdict = gate.component(config=config, run_id=run_id, comparison=scored.outputs["comparison"],
-                                 history=best.outputs["history"], predictions=scored.outputs["predictions"],
+                                 history=preferred.outputs["history"], predictions=scored.outputs["predictions"],
                                  trials=best.outputs["trials"],
                                  policy_sha256=profile.policy_digest())  # a constant: run parameters cannot move it
-        done = [data, splits, best, scored, verdict]  # the audit record hashes every artifact they wrote
+        done = [data, splits, best, preferred, scored, verdict]  # the audit record hashes every artifact they wrote
         with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712 (KFP builds a condition from ==)
-            registered = register.component(config=config, run_id=run_id, adapter=best.outputs["adapter"],
+            registered = register.component(config=config, run_id=run_id, adapter=adapter,
                                             decision=verdict.outputs["decision"])
-            pushed = push.component(config=config, run_id=run_id, adapter=best.outputs["adapter"],
+            pushed = push.component(config=config, run_id=run_id, adapter=adapter,
                                     decision=verdict.outputs["decision"], comparison=scored.outputs["comparison"],
                                     splits=splits.outputs["summary"], validation=data.outputs["validation"],
                                     registration=registered.outputs["registration"])
@@ -90,7 +97,7 @@ def build(profile: config_mod.Profile):
 
         place([run, planned, trained, *done, registered, pushed, deployed, promoted, rejected], profile)
         return Outputs(run_id=run_id, passed=verdict.outputs["Output"], decision=verdict.outputs["decision"],
-                       report=verdict.outputs["report"], adapter=best.outputs["adapter"],
+                       report=verdict.outputs["report"], adapter=adapter,
                        comparison=scored.outputs["comparison"])
 
     return medtune

@@ -46,6 +46,11 @@ def normalise(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
+def question_key(text: str) -> str:
+    """What makes two questions the same (the duplicate rule above)."""
+    return normalise(text).casefold()
+
+
 @dataclass
 class Prepared:
     splits: dict[str, pd.DataFrame]
@@ -239,16 +244,16 @@ def check_no_leakage(df: pd.DataFrame) -> dict:
     return result.to_json_dict()
 
 
-def canonical_lines(df: pd.DataFrame) -> list[str]:
-    return [json.dumps({k: r[k] for k in ROW_FIELDS}, ensure_ascii=False, sort_keys=True, default=str)
+def canonical_lines(df: pd.DataFrame, fields: tuple[str, ...] = ROW_FIELDS) -> list[str]:
+    return [json.dumps({k: r.get(k) for k in fields}, ensure_ascii=False, sort_keys=True, default=str)
             for r in df.to_dict(orient="records")]
 
 
-def fingerprint(df: pd.DataFrame) -> str:
-    return hashlib.sha256("".join(line + "\n" for line in canonical_lines(df)).encode()).hexdigest()
+def fingerprint(df: pd.DataFrame, fields: tuple[str, ...] = ROW_FIELDS) -> str:
+    return hashlib.sha256("".join(line + "\n" for line in canonical_lines(df, fields)).encode()).hexdigest()
 
 
-def write_split(df: pd.DataFrame, directory: Path) -> None:
+def write_split(df: pd.DataFrame, directory: Path, fields: tuple[str, ...] = ROW_FIELDS) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / ROWS_FILE).write_text("".join(line + "\n" for line in canonical_lines(df)))
+    (directory / ROWS_FILE).write_text("".join(line + "\n" for line in canonical_lines(df, fields)))
 

@@ -2,8 +2,8 @@
 
 Sections: the plain-language headline (did the candidate beat the base model, CI excluding zero?), the
 gate's decision rule by rule, the metric table for base / candidate / champion with paired bootstrap CIs,
-the training loss curve, a per-question-type breakdown, and the questions where the candidate gained and
-lost most against the base model, side by side with the reference.
+the training loss curve, what the preference stage added (when it ran), a per-question-type breakdown, and the
+questions where the candidate gained and lost most against the base model, side by side with the reference.
 """
 
 from __future__ import annotations
@@ -71,6 +71,37 @@ def loss_plot(history: list[dict]) -> str:
     return _png(fig)
 
 
+def preference_section(comparison: dict, decision: dict, history: list[dict]) -> str:
+    """What the preference (DPO) stage added: held-out preference accuracy and reward margin per validation
+    (step 0: the SFT policy), the candidate against its SFT-only result on every set, and the gate's decision
+    on the SFT-only result."""
+    evals = [h for h in history if "dpo_eval_rewards/margins" in h]
+    if not evals and not comparison.get("sft"):
+        return ""
+    parts = ["<h2>Preference stage (DPO after SFT)</h2>"]
+    if evals:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        steps = [h["step"] for h in evals]
+        ax.plot(steps, [h["dpo_eval_rewards/margins"] for h in evals], "o-", label="reward margin")
+        ax.plot(steps, [h["dpo_eval_rewards/accuracies"] for h in evals], "s-", label="preference accuracy")
+        ax.set_xlabel("DPO step (0: the SFT policy)")
+        ax.legend()
+        ax.set_title("Held-out preference pairs")
+        parts.append(_png(fig))
+    rows = []
+    for name, scored in {"test": comparison, **(comparison.get("suites") or {})}.items():
+        vs_sft = (scored.get("ci") or {}).get("candidate_vs_sft") or {}
+        rows += [[name, m, fmt(scored["sft"].get(m)), fmt((scored.get("candidate") or {}).get(m)),
+                  fmt_ci(vs_sft.get(m))] for m in metric_names(scored) if scored.get("sft")]
+    if rows:
+        parts.append(_table(rows, ["set", "metric", "SFT only", "SFT + DPO (candidate)", "candidate - SFT only [CI]"]))
+    if decision.get("sft_only"):
+        verdict = "PASSED" if decision["sft_only"]["passed"] else "FAILED"
+        parts.append(f"<p id=\"sft-only-gate\">The same gate on the SFT-only result: {verdict}. "
+                     f"{_esc(decision['sft_only']['summary'])}</p>")
+    return "\n".join(parts)
+
+
 def _finite_or_zero(value) -> float:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
 
@@ -119,6 +150,16 @@ def metric_names(comparison: dict) -> list[str]:
     return [m for m in (*catalog.of_kind(kind), *catalog.of_kind("quality")) if m in (comparison.get("base") or {})]
 
 
+def models_of(comparison: dict) -> list[str]:
+    """The metric tables' model columns: base, candidate and champion always, the SFT-only result when scored."""
+    return [m for m in MODELS if m != "sft" or comparison.get("sft") is not None]
+
+
+def metric_table(comparison: dict) -> str:
+    return _table(metric_rows(comparison), ["metric", "better", *models_of(comparison), "candidate - base [CI]",
+                                            "candidate - champion [CI]"])
+
+
 def metric_rows(comparison: dict) -> list[list[str]]:
     ci = comparison.get("ci") or {}
     vs_base, vs_champ = ci.get("candidate_vs_base") or {}, ci.get("candidate_vs_champion") or {}
@@ -126,7 +167,7 @@ def metric_rows(comparison: dict) -> list[list[str]]:
     for m in metric_names(comparison):
         direction = {"none": "-"}.get(catalog.METRICS[m].direction, catalog.METRICS[m].direction)
         rows.append([m, direction, *[fmt((comparison.get(model) or {}).get(m)) if comparison.get(model) is not None
-                                    else "—" for model in MODELS],
+                                    else "—" for model in models_of(comparison)],
                      fmt_ci(vs_base.get(m)), fmt_ci(vs_champ.get(m))])
     return rows
 
@@ -198,8 +239,7 @@ def suite_sections(comparison: dict) -> str:
     for name, scored in (comparison.get("suites") or {}).items():
         parts.append(f"<h3>{_esc(name)} ({_esc(scored.get('kind'))}, {_esc(scored.get('scoring'))}, "
                      f"n={scored.get('n')})</h3>")
-        parts.append(_table(metric_rows(scored), ["metric", "better", *MODELS, "candidate - base [CI]",
-                                                  "candidate - champion [CI]"]))
+        parts.append(metric_table(scored))
     return "".join(parts) or "<p>No evaluation suites in the profile (eval.suites).</p>"
 
 
@@ -271,11 +311,11 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:90%}}<
                                            f"{length_change_flag:.0%}.</li>"}</ul>
 <h2>Metrics (test split, n={comparison['n']} questions, {comparison.get('n_references', comparison['n'])} references)</h2>
 <p>{ci_note}</p>
-{_table(metric_rows(comparison), ["metric", "better", *MODELS, "candidate - base [CI]",
-                                  "candidate - champion [CI]"])}
+{metric_table(comparison)}
 {metric_plot(comparison, plot_names) if plot_names else ""}
 <h2>Evaluation suites</h2><div id="suites">{suite_sections(comparison)}</div>
 <h2>Training</h2>{loss_plot(history)}
+{preference_section(comparison, decision, history)}
 {trials_section(trials)}
 <h2>By question type (mean per-question score)</h2>
 {_table(b_rows, b_header)}

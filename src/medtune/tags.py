@@ -26,6 +26,7 @@ TRIAL = "medtune.trial"  # train: the sweep trial's index
 TRIAL_STATUS = "medtune.trial_status"  # train: a trial that did not finish: stopped or failed
 TRIAL_REASON = "medtune.trial_reason"
 CHAMPION = "medtune.champion"  # evaluate: "<name>/<version>" compared against, or "none"
+PAIRS_PREFIX = "medtune.pairs."  # preference: "<prefix><split>.sha256", the fingerprint of its pairs
 
 # A registered model version
 RUN_ID = "medtune.run_id"  # the parent run that registered it

@@ -1,5 +1,6 @@
-"""Fine-tune with TRL's SFTTrainer on prompt/completion rows: LoRA, QLoRA, DoRA/rsLoRA, or full (optionally frozen
-bottom layers), with the loss on the answer tokens only.
+"""Fine-tune with TRL's SFTTrainer on prompt/completion rows: LoRA, QLoRA, DoRA/rsLoRA, full (optionally frozen
+bottom layers) or feature-based (frozen backbone, top blocks and/or LM head trained), with the loss on the answer
+tokens only. With `train.early_stopping` the best checkpoint by validation loss is what is saved.
 
 Where the time goes on a CPU, and what this module does about it (see benchmarks/train_throughput.py):
 
@@ -36,11 +37,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from medtune import models, runview, throughput
-from medtune.config import Config
+from medtune.config import ADAPTER_METHODS, Config
 
 log = logging.getLogger(__name__)
 HEAD_CHUNK = 2048  # labelled tokens per LM-head chunk: bounds the (tokens x vocab) logits held for backward
@@ -81,21 +82,33 @@ def lora_config(cfg: Config):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
+def trainer_args(cfg: Config, stage, output_dir: Path, has_eval: bool, best_metric: str,
+                 greater_is_better: bool) -> dict:
+    """Arguments SFT and preference training share. `stage` (cfg.train or cfg.preference) sets the batch, steps,
+    rate, validation and early stopping (a checkpoint at every validation, the best one restored at the end);
+    cfg.train sets precision, device, schedule shape and checkpoints for both."""
     t = cfg.train
     on_gpu = torch.cuda.is_available()
     precision = models.compute_dtype(t)
     # On CPU the weights are loaded in the compute dtype and no autocast is used; on GPU a QLoRA/LoRA run autocasts.
     autocast = on_gpu and t.method == "qlora"
-    eval_strategy = "no" if not has_eval else "steps" if t.eval_steps else "epoch"
-    return SFTConfig(
+    eval_strategy = "no" if not has_eval else "steps" if stage.eval_steps else "epoch"
+    checkpoints = dict(save_strategy="steps" if t.checkpoint_steps else "no", save_steps=t.checkpoint_steps or 500)
+    if has_eval and stage.early_stopping:
+        checkpoints = dict(save_strategy=eval_strategy, save_steps=stage.eval_steps or 500,
+                           load_best_model_at_end=True, metric_for_best_model=best_metric,
+                           greater_is_better=greater_is_better)
+    return dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
+        per_device_train_batch_size=stage.batch_size,
+        per_device_eval_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps,
+        learning_rate=stage.learning_rate,
+        logging_steps=stage.logging_steps,
+        seed=stage.seed,
+        data_seed=stage.seed,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
@@ -104,6 +117,20 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         bf16=autocast and precision == torch.bfloat16,
         fp16=autocast and precision == torch.float16,
         use_cpu=not on_gpu,
+        eval_strategy=eval_strategy,
+        eval_steps=stage.eval_steps,
+        **checkpoints,
+        save_total_limit=t.keep_checkpoints,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
+    t = cfg.train
+    return SFTConfig(
+        **trainer_args(cfg, t, output_dir, has_eval, "eval_loss", greater_is_better=False),
         padding_free=padding_free(t),
         # Padded batches: rows of similar length together, so little padding is computed.
         train_sampling_strategy="random" if padding_free(t) else "group_by_length",
@@ -112,18 +139,23 @@ def sft_config(cfg: Config, output_dir: Path, has_eval: bool) -> SFTConfig:
         # Rows are already cut to the token budget by preprocess; padding-free without packing needs None here.
         max_length=cfg.preprocess.max_tokens if t.packing or not padding_free(t) else None,
         completion_only_loss=t.completion_only_loss,
-        logging_steps=t.logging_steps,
-        eval_strategy=eval_strategy,
-        eval_steps=t.eval_steps,
-        save_strategy="steps" if t.checkpoint_steps else "no",
-        save_steps=t.checkpoint_steps or 500,
-        save_total_limit=t.keep_checkpoints,
-        report_to="none",
-        seed=t.seed,
-        data_seed=t.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
+
+
+def early_stopper(stop) -> EarlyStoppingCallback:
+    return EarlyStoppingCallback(early_stopping_patience=stop.patience, early_stopping_threshold=stop.threshold)
+
+
+def best_checkpoint_metrics(trainer, stopper: EarlyStoppingCallback | None) -> dict:
+    """What early stopping did: the step whose checkpoint was restored, its metric, and where training stopped
+    (-1: it ran to the end)."""
+    state = trainer.state
+    if stopper is None or state.best_model_checkpoint is None:
+        return {}
+    stopped = stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+    return {"best_step": int(Path(state.best_model_checkpoint).name.removeprefix("checkpoint-")),
+            "best_metric": float(state.best_metric),
+            "early_stopped_at_step": int(state.global_step) if stopped else -1}
 
 
 def padding_free(t) -> bool:
@@ -154,9 +186,12 @@ def last_checkpoint(directory: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def prepare_model(cfg: Config):
-    """Load the base model; for method=full freeze the embeddings and the first `freeze_layers` decoder layers."""
-    model = models.load_model(cfg.model, cfg.train)
+def prepare_model(cfg: Config, model=None):
+    """Load the base model (or take `model`); method=full: freeze the embeddings and the first `freeze_layers`
+    decoder layers; method=feature: freeze everything but the top `feature_layers` blocks and/or the LM head."""
+    model = model if model is not None else models.load_model(cfg.model, cfg.train)
+    if cfg.train.method == "feature":
+        freeze_backbone(model, cfg.train.feature_layers, cfg.train.feature_head)
     if cfg.train.method == "full" and cfg.train.freeze_layers:
         layers = _decoder_layers(model)
         if cfg.train.freeze_layers > len(layers):
@@ -165,6 +200,24 @@ def prepare_model(cfg: Config):
         for layer in layers[: cfg.train.freeze_layers]:
             layer.requires_grad_(False)
     return model
+
+
+def freeze_backbone(model, top_layers: int, head: bool) -> None:
+    """Feature-based fine-tuning: only the top `top_layers` decoder blocks and (if `head`) the LM head train."""
+    layers = _decoder_layers(model)
+    if top_layers > len(layers):
+        raise ValueError(f"train.feature_layers={top_layers} but the model has {len(layers)} layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - top_layers:]:
+        layer.requires_grad_(True)
+    if head:
+        output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if output.weight is embeddings.weight:  # tied: give the head its own copy so the input side stays frozen
+            output.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
+        output.requires_grad_(True)
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -203,7 +256,7 @@ class MedtuneTrainer(SFTTrainer):
         body, head = throughput.matmul_params(self.model)
         trainable = any(p.requires_grad for p in _causal_lm(self.model).get_output_embeddings().parameters())
         # Forward 2 FLOPs/weight; backward 2 for the input gradient plus 2 for trainable weights (LoRA: ~none).
-        frozen_base = medtune_cfg.train.method != "full"
+        frozen_base = medtune_cfg.train.method in ADAPTER_METHODS
         trainable_body = 0 if frozen_base else sum(
             m.in_features * m.out_features for m in _causal_lm(self.model).modules()
             if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
@@ -375,25 +428,6 @@ class ProgressEvents(TrainerCallback):
         runview.emit(step=state.global_step, max_steps=state.max_steps, **figures)
 
 
-class EarlyStopping(TrainerCallback):
-    """Stop after `patience` validations without a lower validation loss (no best-model reload needed)."""
-
-    def __init__(self, patience: int):
-        self.patience, self.best, self.bad, self.stopped_at = patience, math.inf, 0, None
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None:
-            return
-        if loss < self.best:
-            self.best, self.bad = loss, 0
-        else:
-            self.bad += 1
-            if self.bad >= self.patience:
-                self.stopped_at = state.global_step
-                control.should_training_stop = True
-
-
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -414,15 +448,19 @@ def build_trainer(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame,
         train_dataset=_dataset(train_rows),
         eval_dataset=_dataset(val_rows) if not val_rows.empty else None,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg) if cfg.train.method in ("lora", "qlora") else None,
+        peft_config=lora_config(cfg) if cfg.train.method in ADAPTER_METHODS else None,
         medtune_cfg=cfg,
     )
+    keep_float32_adapters(cfg, trainer.model)
+    return trainer
+
+
+def keep_float32_adapters(cfg: Config, model) -> None:
+    """TRL casts QLoRA adapters to bf16; with a float32 compute dtype (CPUs without bf16) keep them float32."""
     if cfg.train.method == "qlora" and models.compute_dtype(cfg.train) == torch.float32:
-        # TRL casts QLoRA adapters to bf16; with a float32 compute dtype (CPUs without bf16) keep them float32.
-        for param in trainer.model.parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
-    return trainer
 
 
 def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter_dir: Path, work_dir: Path,
@@ -436,7 +474,7 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
     sigterm = SigtermCheckpoint()
     trainer.add_callback(sigterm)
     trainer.add_callback(ProgressEvents())
-    stopper = EarlyStopping(cfg.train.early_stopping_patience) if cfg.train.early_stopping_patience else None
+    stopper = early_stopper(cfg.train.early_stopping) if cfg.train.early_stopping and not val_rows.empty else None
     if stopper:
         trainer.add_callback(stopper)
     resume = last_checkpoint(checkpoint_dir)
@@ -464,12 +502,13 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
     }
     if eval_losses:
         metrics["eval_loss"] = float(eval_losses[-1])
-    if stopper and stopper.stopped_at is not None:
-        metrics["early_stopped_at_step"] = int(stopper.stopped_at)
+    metrics.update(best_checkpoint_metrics(trainer, stopper))
+    if "best_metric" in metrics:
+        metrics["eval_loss"] = metrics["best_metric"]  # the restored checkpoint's, not the last validation's
     adapter_dir = Path(adapter_dir)
     trainer.model.save_pretrained(adapter_dir)  # safetensors
     trainer.processing_class.save_pretrained(adapter_dir)
-    if cfg.train.export_merged and cfg.train.method != "full":
+    if cfg.train.export_merged and cfg.train.method in ADAPTER_METHODS:
         probe = (train_rows["prompt"] + train_rows["completion"]).head(4).tolist()
         metrics["merge_max_abs_diff"] = export_merged(cfg, adapter_dir, adapter_dir / "merged", probe)
     return Trained(adapter_dir=adapter_dir, metrics=metrics, history=history)

@@ -8,6 +8,9 @@ Duplicate questions are reported here and resolved in preprocessing, where the r
 Every value GX or a rule echoes (report, Data Docs, quarantine, messages) goes through `phi.redact`, and
 Data Docs HTML-escape it: a cell is data, never markup. The unmasked quarantine is written only to a
 restricted file (mode 0600) next to the masked one, for the data owner.
+
+Preference data (`pairs=True`) goes through the same contract with prompt -> question, chosen -> answer and a
+`rejected` answer held to the answer's rules, plus one more: the two sides must differ (`pair.sides_differ`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import pandas as pd
 from medtune import phi
 from medtune.config import CANONICAL_COLUMNS, DataConfig
 from medtune.rows import FILENAME as ROWS_FILE
-from medtune.ingest import REQUIRED, DataError, Ingested, ingest, quarantine_record
+from medtune.ingest import REQUIRED, DataError, Ingested, conversation_text, ingest, quarantine_record
 
 log = logging.getLogger(__name__)
 ROW_ID = "_row"
@@ -40,6 +43,8 @@ SCANNED_COLUMNS = CANONICAL_COLUMNS
 # Rows the publisher shipped without answers are counted, but do not count against the kept fraction.
 NOT_ELIGIBLE_RULES = {"answer_removed_by_publisher"}
 SUITE_NAME = "medtune_qa"
+REJECTED = "rejected"
+SIDES_DIFFER = "_sides_differ"  # helper column: chosen and rejected are different texts
 
 
 def _rule(expectation, rule: str):
@@ -47,11 +52,20 @@ def _rule(expectation, rule: str):
     return expectation
 
 
-def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED)) -> gx.ExpectationSuite:
+def _text_fields(pairs: bool) -> tuple[str, ...]:
+    return (*REQUIRED, REJECTED) if pairs else REQUIRED
+
+
+def _bound(column: str) -> str:
+    """The config field prefix bounding `column`: the rejected answer is held to the answer's bounds."""
+    return "answer" if column == REJECTED else column
+
+
+def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED), pairs: bool = False) -> gx.ExpectationSuite:
     """The data contract. Order matters: a row failing several rules is quarantined under the first."""
     exp = []
-    for column in REQUIRED:
-        low, high = getattr(cfg, f"min_{column}_chars"), getattr(cfg, f"max_{column}_chars")
+    for column in _text_fields(pairs):
+        low, high = getattr(cfg, f"min_{_bound(column)}_chars"), getattr(cfg, f"max_{_bound(column)}_chars")
         exp += [
             _rule(gxe.ExpectColumnToExist(column=column), f"{column}.present"),
             _rule(gxe.ExpectColumnValuesToNotBeNull(column=column), f"{column}.not_null"),
@@ -60,10 +74,12 @@ def build_suite(cfg: DataConfig, columns: set[str] = frozenset(REQUIRED)) -> gx.
             _rule(gxe.ExpectColumnValueLengthsToBeBetween(column=column, min_value=low, max_value=high),
                   f"{column}.length_chars"),
         ]
-        if getattr(cfg, f"max_{column}_tokens"):
-            exp.append(_rule(gxe.ExpectColumnValuesToBeBetween(column=_tokens(column), min_value=1,
-                                                               max_value=getattr(cfg, f"max_{column}_tokens")),
-                             f"{column}.length_tokens"))
+        if getattr(cfg, f"max_{_bound(column)}_tokens"):
+            exp.append(_rule(gxe.ExpectColumnValuesToBeBetween(
+                column=_tokens(column), min_value=1, max_value=getattr(cfg, f"max_{_bound(column)}_tokens")),
+                f"{column}.length_tokens"))
+    if pairs:
+        exp.append(_rule(gxe.ExpectColumnValuesToBeInSet(column=SIDES_DIFFER, value_set=[True]), "pair.sides_differ"))
     if "context" in columns:
         exp.append(_rule(gxe.ExpectColumnValuesToBeOfType(column="context", type_="str"), "context.is_text"))
     for column in (c for c in SCANNED_COLUMNS if c in columns):
@@ -138,12 +154,12 @@ def _mask_flagged(df: pd.DataFrame, result) -> dict[str, int]:
     return dict(counts)
 
 
-def _add_token_counts(df: pd.DataFrame, cfg: DataConfig, tokenizer) -> None:
-    for column in REQUIRED:
-        if not getattr(cfg, f"max_{column}_tokens"):
+def _add_token_counts(df: pd.DataFrame, cfg: DataConfig, tokenizer, pairs: bool = False) -> None:
+    for column in _text_fields(pairs):
+        if not getattr(cfg, f"max_{_bound(column)}_tokens"):
             continue
         if tokenizer is None:
-            raise DataError(f"data.max_{column}_tokens is set but no tokenizer was given to count tokens")
+            raise DataError(f"data.max_{_bound(column)}_tokens is set but no tokenizer was given to count tokens")
         texts = [v if isinstance(v, str) else "" for v in df[column]]
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         df[_tokens(column)] = [len(i) if isinstance(v, str) else None for i, v in zip(ids, df[column])]
@@ -191,16 +207,21 @@ def _redact_results(result) -> None:
         res.result = phi.redact_tree(res.result)
 
 
-def validate(cfg: DataConfig, tokenizer=None) -> Validation:
+def validate(cfg: DataConfig, tokenizer=None, pairs: bool = False) -> Validation:
+    """Ingest and validate `cfg`'s data; `pairs`: preference rows (question = prompt, answer = chosen, rejected)."""
     ingested: Ingested = ingest(cfg)
     quarantine = list(ingested.quarantine)
     if not ingested.rows:
         raise DataError(_stop_message(cfg, ingested.read, 0, quarantine, "no rows left after decoding"))
+    if pairs:
+        _flatten_pairs(cfg, ingested.rows)
     df = _frame(ingested.rows)
     dropped = [c for c in df.columns if c not in CANONICAL_COLUMNS and not c.startswith("_")]
     df = df.drop(columns=dropped)
-    _add_token_counts(df, cfg, tokenizer)
-    suite = build_suite(cfg, set(df.columns))
+    _add_token_counts(df, cfg, tokenizer, pairs)
+    if pairs:
+        df[SIDES_DIFFER] = [_differ(a, b) for a, b in zip(df["answer"], df[REJECTED])]
+    suite = build_suite(cfg, set(df.columns), pairs)
     suite_json = suite.to_json_dict()  # before GX attaches ids, so the saved suite is the code's
     result = run_suite(df, suite)
     _redact_results(result)
@@ -215,7 +236,7 @@ def validate(cfg: DataConfig, tokenizer=None) -> Validation:
         row = records[row_id]
         quarantine.append(quarantine_record(_public(row), row["_file"], row["_line"], rule,
                                             _describe(rule, column, row, cfg)))
-    helpers = [c for c in df.columns if c == ROW_ID or c.endswith("_tokens") and c.startswith("_")]
+    helpers = [c for c in df.columns if c in (ROW_ID, SIDES_DIFFER) or c.endswith("_tokens") and c.startswith("_")]
     kept = df[~df[ROW_ID].isin(failed)].drop(columns=helpers).reset_index(drop=True)
     summary = _summary(cfg, ingested, kept, quarantine, df, result, masked)
     summary["columns_dropped"] = [phi.redact(str(c), 60) for c in dropped]  # not in the data contract
@@ -229,6 +250,26 @@ def validate(cfg: DataConfig, tokenizer=None) -> Validation:
                f"data.min_kept_fraction={cfg.min_kept_fraction}")
         raise ValidationStopped(_stop_message(cfg, ingested.read, len(kept), quarantine, why), validation)
     return validation
+
+
+def _flatten_pairs(cfg: DataConfig, rows: list[dict]) -> None:
+    """Conversational preference rows (message lists) as text: the prompt's user turn, the answers' replies."""
+    if not any(REJECTED in row for row in rows):
+        columns = sorted({k for row in rows for k in row if not k.startswith("_")})
+        raise DataError(f"{cfg.path}: preference data needs a rejected answer column; columns present: "
+                        f"{[phi.redact(c, 60) for c in columns]}. Map it with data.columns, e.g. "
+                        "--set preference.data.columns.worse=rejected")
+    for row in rows:
+        row["question"] = conversation_text(row.get("question"), "user")
+        for column in ("answer", REJECTED):
+            row[column] = conversation_text(row.get(column), "assistant")
+
+
+def _differ(chosen, rejected) -> bool:
+    """False when both sides are the same text (whitespace and case folded); other faults have their own rules."""
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        return True
+    return " ".join(chosen.split()).casefold() != " ".join(rejected.split()).casefold()
 
 
 class ValidationStopped(DataError):
@@ -268,10 +309,12 @@ def _is_missing(value) -> bool:
 
 
 def _describe(rule: str, column: str, row: dict, cfg: DataConfig) -> str:
+    if rule == "pair.sides_differ":
+        return "fields 'answer' (chosen) and 'rejected' are the same text"
     value = row.get(column)
     check = rule.split(".", 1)[1]
     if check == "length_tokens":
-        return f"field '{column}' has {row[_tokens(column)]} tokens (bound data.max_{column}_tokens)"
+        return f"field '{column}' has {row[_tokens(column)]} tokens (bound data.max_{_bound(column)}_tokens)"
     if _is_missing(value):
         return f"field '{column}' is missing"
     if check == "is_text":
@@ -279,7 +322,7 @@ def _describe(rule: str, column: str, row: dict, cfg: DataConfig) -> str:
     if check == "not_blank":
         return f"field '{column}' is empty"
     if check == "length_chars":
-        return f"field '{column}' has {len(value)} characters (bounds data.min/max_{column}_chars)"
+        return f"field '{column}' has {len(value)} characters (bounds data.min/max_{_bound(column)}_chars)"
     if check == "names_a_choice":
         return f"field 'answer' is {str(value)[:40]!r}, which names none of the row's choices (data.kind=closed_form)"
     if check == "allowed_values":

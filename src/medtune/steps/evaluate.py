@@ -1,4 +1,5 @@
-"""Step `evaluate`: base, candidate and champion answer the same held-out questions and are scored alike.
+"""Step `evaluate`: base, candidate and champion (and, after a preference stage, the SFT-only result) answer the
+same held-out questions and are scored alike.
 
 `medtune evaluate` runs this step standalone (`score`, without MLflow) on any dataset the ingest reads.
 """
@@ -16,10 +17,11 @@ SPEC = StepSpec(name="evaluate", display_name="Evaluate candidate vs base vs cha
 
 
 def score(cfg: config_mod.Config, test_rows, trained_dir: Path | None, comparison_path: Path, predictions_dir: Path,
-          perplexity_rows=None) -> dict:
-    """Score base, candidate (the trained weights, if any) and the registered champion (when there is one
-    to compare) on `test_rows`; perplexity on `perplexity_rows` (default: the test rows). Writes
-    comparison.json and predictions.jsonl and returns the comparison."""
+          perplexity_rows=None, sft_dir: Path | None = None) -> dict:
+    """Score base, candidate (the trained weights, if any), the SFT-only result it was preference-tuned from
+    (`sft_dir`, if given) and the registered champion (when there is one to compare) on `test_rows`;
+    perplexity on `perplexity_rows` (default: the test rows). Writes comparison.json and predictions.jsonl
+    and returns the comparison."""
     import tempfile
 
     from medtune import champion as champ
@@ -29,13 +31,14 @@ def score(cfg: config_mod.Config, test_rows, trained_dir: Path | None, compariso
     with tempfile.TemporaryDirectory(prefix="medtune-champion-") as tmp:
         champion, info = champ.resolve(cfg, Path(tmp))
         result = ev.evaluate(cfg, test_rows, trained_dir, perplexity_rows, champion, info,
-                             suites=suites.scored_sets(cfg))
+                             suites=suites.scored_sets(cfg), sft_dir=sft_dir)
         return ev.write_outputs(result, comparison_path, predictions_dir)
 
 
 def run(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparison_path: str,
-        predictions_dir: str, val_dir: str | None = None) -> dict:
-    """Score base, candidate and (when registered) champion on the test split; perplexity on validation."""
+        predictions_dir: str, val_dir: str | None = None, sft_dir: str | None = None) -> dict:
+    """Score base, candidate and (when registered) champion on the test split, and the SFT-only result
+    `sft_dir` when the preference stage ran; perplexity on validation."""
     import mlflow
 
     from medtune import rows, tags, tracking
@@ -43,8 +46,9 @@ def run(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparis
 
     cfg = config_mod.from_json(config_json)
     with tracking.step(cfg, run_id, SPEC.name):
+        sft = Path(sft_dir) if sft_dir and cfg.preference.enabled else None  # else it is the candidate itself
         comparison = score(cfg, rows.read(Path(test_dir)), Path(adapter_dir), Path(comparison_path),
-                           Path(predictions_dir), rows.read(Path(val_dir)) if val_dir else None)
+                           Path(predictions_dir), rows.read(Path(val_dir)) if val_dir else None, sft)
         mlflow.log_metrics(ev.flat_metrics(comparison))
         mlflow.log_artifact(comparison_path, "evaluation")
         mlflow.log_artifact(str(Path(predictions_dir) / "predictions.jsonl"), "evaluation")
@@ -62,10 +66,11 @@ def run(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparis
 
 @kfp_component(SPEC)
 def evaluate(config: str, run_id: str, test_split: Input[Dataset], validation_split: Input[Dataset],
-             adapter: Input[Model], comparison: Output[Artifact], predictions: Output[Dataset],
-             base_metrics: Output[Metrics], candidate_metrics: Output[Metrics]):
+             adapter: Input[Model], sft_adapter: Input[Model], comparison: Output[Artifact],
+             predictions: Output[Dataset], base_metrics: Output[Metrics], candidate_metrics: Output[Metrics]):
     """Answer the test split with the base model, the candidate and the MLflow `champion` (if any); score all
-    on the same rows with paired bootstrap CIs; perplexity on the validation split.
+    on the same rows with paired bootstrap CIs; perplexity on the validation split. After a preference stage
+    the SFT-only result is scored too, so the report shows what the stage added.
 
     Args:
         config: The resolved run-time config (JSON).
@@ -73,6 +78,8 @@ def evaluate(config: str, run_id: str, test_split: Input[Dataset], validation_sp
         test_split: The held-out questions.
         validation_split: Reference answers for the perplexity.
         adapter: The trained weights (adapter or full model).
+        sft_adapter: The SFT-only weights the candidate was preference-tuned from (scored with
+            preference.enabled; otherwise the candidate itself).
         comparison: Metrics of each model, deltas and paired bootstrap CIs.
         predictions: Every model's answer to every question, with per-row scores.
         base_metrics: The base model's metrics (KFP UI).
@@ -82,7 +89,7 @@ def evaluate(config: str, run_id: str, test_split: Input[Dataset], validation_sp
     from medtune.steps import evaluate as step
 
     result = step.run(config, run_id, test_split.path, adapter.path, comparison.path, predictions.path,
-                      val_dir=validation_split.path)
+                      val_dir=validation_split.path, sft_dir=sft_adapter.path)
     for name, output in (("base", base_metrics), ("candidate", candidate_metrics)):
         for key, value in finite_values(result.get(name)).items():
             output.log_metric(key, value)
