@@ -9,7 +9,8 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext, redirect_stderr, redirect_stdout
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import mlflow
@@ -19,6 +20,19 @@ from medtune.config import Config
 from medtune.local_server import ServerError
 
 MLFLOW_DIR = Path(".medtune/mlflow")
+# What SIGTERM must still undo (leave the MLflow server, close the run view) before the process ends. It ends
+# with os._exit: unwinding would wait on kfp.local's worker threads, and they retry the stopped task (its
+# step's retry policy), so `medtune run` would train on instead of stopping.
+_ON_TERMINATE: list[Callable[[], object]] = []
+
+
+@contextmanager
+def _undone_on_sigterm(cleanup: Callable[[], object]) -> Iterator[None]:
+    _ON_TERMINATE.append(cleanup)
+    try:
+        yield
+    finally:
+        _ON_TERMINATE.remove(cleanup)
 
 
 class PipelineFailed(RuntimeError):
@@ -46,7 +60,7 @@ def run(cfg: Config, output_dir: Path, run_name: str, console, verbose: bool = F
     console.print(f"model: {cfg.model.id} -> {models.resolve(cfg.model)}")  # fetch/convert once, up front
     server = nullcontext(external) if external else tracking.local_server(MLFLOW_DIR)
     try:
-        with server as uri:
+        with server as uri, _undone_on_sigterm(lambda: server.__exit__(None, None, None)):
             return _run_with(cfg, uri, output_dir, console, verbose, runner)
     except ServerError as exc:
         raise PipelineFailed(f"the local MLflow server: {exc}") from None
@@ -74,7 +88,8 @@ def _run_with(cfg: Config, uri: str, output_dir: Path, console, verbose: bool, r
                            live=console.is_terminal, verbose=verbose)
     os.environ[lineage.STEP_LOGS] = str(view.log_dir)  # the tasks inherit it; the audit record lists the logs
     try:
-        with view, redirect_stdout(view), redirect_stderr(view):
+        with view, redirect_stdout(view), redirect_stderr(view), \
+                _undone_on_sigterm(lambda: view.__exit__(SystemExit, SystemExit(143), None)):
             task = pipeline(config=cfg.to_json(), requested_by=digests.requester())
     except RuntimeError as exc:
         step = view.failed()
@@ -89,20 +104,45 @@ def _run_with(cfg: Config, uri: str, output_dir: Path, console, verbose: bool, r
 
 
 def _terminate(*_) -> None:
-    """SIGTERM (Ctrl-C's batch cousin): stop the task kfp.local is running, then unwind like an exception
-    so this run leaves the local MLflow server (stopping it if it was the last client). Without this the task
-    would run on, orphaned."""
+    """SIGTERM (Ctrl-C's batch cousin): stop the tasks kfp.local is running and wait for them (a train task
+    finishes its step and saves a checkpoint), close the run view and leave the local MLflow server (stopping
+    it if this run was its last client), then exit 143. Without this the tasks would run on, orphaned."""
+    _stop_tasks()
+    for cleanup in reversed(_ON_TERMINATE):
+        try:
+            cleanup()
+        except Exception as exc:  # the others must still run; the exit code says what happened
+            print(f"medtune: while stopping: {exc}", file=sys.__stderr__)
+    for stream in (sys.__stdout__, sys.__stderr__):
+        stream.flush()
+    os._exit(143)
+
+
+def _stop_tasks(grace_s: float = 180) -> None:
+    """Terminate this run's task processes until none is left (a retry kfp.local starts meanwhile is stopped
+    too); whatever still runs after `grace_s` is killed."""
     import psutil
 
     session = os.getsid(0)
-    for child in psutil.Process().children(recursive=True):
-        try:
-            # The MLflow server runs in a session of its own and may serve other runs: leaving it is _leave's call.
-            if os.getsid(child.pid) == session:
-                child.terminate()
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    sys.exit(143)
+    deadline = time.monotonic() + grace_s
+    while True:
+        tasks = []
+        for child in psutil.Process().children(recursive=True):
+            try:
+                # The MLflow server runs in a session of its own and may serve other runs: that is _leave's call.
+                if os.getsid(child.pid) == session:
+                    tasks.append(child)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+        if not tasks:
+            return
+        late = time.monotonic() > deadline
+        for task in tasks:
+            try:
+                task.kill() if late else task.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(tasks, timeout=5)
 
 
 def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
