@@ -167,8 +167,8 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
 
 
 def step_logs() -> dict | None:
-    """The step log files of this run so far, when `medtune run` writes them (no hashes: the audit step's own
-    log is still being written, and the others are buffered by the process that routes them)."""
+    """The step log files of this run so far, when `medtune run` writes them (paths, no hashes: the audit
+    step's own log is still being written while the record is built)."""
     folder = os.environ.get(STEP_LOGS)
     if not folder:
         return None
