@@ -37,6 +37,7 @@ def test_set_overrides_nested_data_fields():
     ("data.format=xml", "data.format: Input should be 'auto'"),
     ("preprocess.test_fraction=0.6", "preprocess.test_fraction: Input should be less than 0.5"),
     ("preprocess.conflicting_duplicates=merge", "preprocess.conflicting_duplicates: Input should be 'drop' or 'keep'"),
+    ("decoding.repetition_penalty=0.9", "decoding.repetition_penalty: Input should be greater than or equal to 1"),
 ])
 def test_bad_values_name_the_field(override, message):
     extra = ["data.max_answer_chars=50"] if "min_answer_chars" in override else []

@@ -65,7 +65,8 @@ def test_rows(tiny_model_dir) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def three_models(tiny_model_dir, adapters, test_rows):
     cfg = _cfg(tiny_model_dir)
-    local = champ.Champion(name="m", version="1", run_id=None, adapter_dir=adapters[1])
+    # as registered from this config, so it answers with the config's decoding (see the real-server test below)
+    local = champ.Champion(name="m", version="1", run_id=None, adapter_dir=adapters[1], decoding=cfg.decoding)
     return ev.evaluate(cfg, test_rows, adapters[0], test_rows.iloc[:4], local, local.info())
 
 
@@ -91,6 +92,27 @@ def test_batched_generation_gives_the_answers_of_one_at_a_time(tiny_model_dir, a
     single = [ev.generate(model, tokenizer, [p], batch_size=1, max_new_tokens=6, desc="single")[0] for p in prompts]
     assert batched == single
     assert len(set(batched)) > 1  # answers depend on the question (not all padding artefacts)
+
+
+def test_decoding_settings_reach_generation(tiny_model_dir, adapters, test_rows):
+    """The recipe's no_repeat_ngram_size holds in every answer; plain greedy on the same model repeats, so the
+    check can fail."""
+    from peft import PeftModel
+
+    cfg = _cfg(tiny_model_dir)
+    model = PeftModel.from_pretrained(models.load_model(cfg.model, cfg.train), str(adapters[0]))
+    tokenizer = models.load_tokenizer(cfg.model, padding_side="left")
+    prompts = test_rows["prompt"].tolist()[:4]
+
+    def repeats(answers: list[str]) -> int:
+        ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+        return sum(len(seq) - 1 - len(set(zip(seq, seq[1:]))) for seq in ids)
+
+    plain = ev.generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=24, desc="plain")
+    blocked = ev.generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=24, desc="blocked",
+                          decoding=config_mod.DecodingConfig(no_repeat_ngram_size=2))
+    assert repeats(plain) > 0
+    assert repeats(blocked) == 0 and blocked != plain
 
 
 def test_answer_nll_matches_the_models_own_loss(tiny_model_dir, test_rows):

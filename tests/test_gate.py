@@ -235,14 +235,14 @@ def test_policy_loads_refuse_loose_settings():
 
 @pytest.mark.parametrize("override", ["gate.rules.0.min", "gate.min_questions", "gate.promote", "eval.max_rows",
                                       "eval.confidence", "eval.bootstrap_samples", "eval.compare_champion",
-                                      "eval.suites"])
+                                      "eval.suites", "decoding.repetition_penalty"])
 def test_policy_hash_covers_everything_that_changes_the_decision(override):
     tree = {"name": "t", "data": {"path": "x.jsonl"}, "model": {"id": "m"},
-            "gate": {"rules": [{"metric": "rougeL", "min": 0.1, "significant": True}]}, "eval": {}}
+            "gate": {"rules": [{"metric": "rougeL", "min": 0.1, "significant": True}]}, "eval": {}, "decoding": {}}
     before = config_mod.from_dict(tree).policy_digest()
     changed = {"gate.rules.0.min": 0.0, "gate.min_questions": 5, "gate.promote": True, "eval.max_rows": 10,
                "eval.confidence": 0.9, "eval.bootstrap_samples": 200, "eval.compare_champion": False,
-               "eval.suites": SUITES}[override]
+               "eval.suites": SUITES, "decoding.repetition_penalty": 1.2}[override]
     section, key, *rest = override.split(".")
     if rest:
         tree[section][key][0][rest[1]] = changed

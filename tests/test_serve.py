@@ -56,13 +56,14 @@ def _profile(tree: dict, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def champion_server(tiny_model_dir, tmp_path_factory):
-    """The registered, promoted adapter served from its `champion` alias."""
+    """The registered, promoted adapter served from its `champion` alias. It was gated with decoding settings
+    the serving profile does not have: what is served is what was gated."""
     tmp = tmp_path_factory.mktemp("serve")
     adapter = _adapter(tiny_model_dir, tmp / "adapter", seed=3)
     with tracking.local_server(tmp / "mlflow") as uri:
         tree = tiny_config_tree(tiny_model_dir)
         tree["tracking"]["tracking_uri"] = uri
-        cfg = config_mod.from_dict(tree)
+        cfg = config_mod.from_dict({**tree, "decoding": {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}})
         run_id = tracking.open_run(cfg, pipeline_run="serve-test")
         with tracking.step(cfg, run_id, "register"):
             reg = registry.register(cfg, run_id, adapter, {"passed": True, "promote": True, "summary": "ok"}, tmp)
@@ -88,7 +89,8 @@ def test_models_names_the_registered_version(champion_server):
 
 
 def test_chat_answers_as_medtune_generates_with_the_disclaimer_prompt(champion_server):
-    """The served greedy answer is what medtune's own batched generation gives the same model and prompt."""
+    """The served greedy answer is what medtune's own batched generation gives the same model and prompt, with
+    the decoding the version was gated with (stored with it), not the serving profile's."""
     from peft import PeftModel
 
     from medtune import models
@@ -114,8 +116,12 @@ def test_chat_answers_as_medtune_generates_with_the_disclaimer_prompt(champion_s
     prompt = tokenizer.apply_chat_template([{"role": "system", "content": system},
                                             {"role": "user", "content": "How is influenza spread?"}],
                                            add_generation_prompt=True, tokenize=False)
-    expected = generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=LIMIT, desc="reference")[0]
+    expected = generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=LIMIT, desc="reference",
+                        decoding=cfg.decoding)[0]
     assert answer.choices[0].message.content.strip() == expected
+    plain = generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=LIMIT, desc="plain greedy")[0]
+    assert plain != expected, "the gated decoding must change this answer, or the check above proves nothing"
+    assert "decoding {'repetition_penalty': 1.3, 'no_repeat_ngram_size': 2}" in s["log"].read_text()
     assert answer.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 

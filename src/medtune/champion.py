@@ -12,7 +12,7 @@ code), only safetensors weights are read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -35,6 +35,9 @@ class Champion:
     version: str
     run_id: str | None
     adapter_dir: Path  # its trained weights: an adapter of the profile's base model, or a full model
+    # how its answers were decoded when it passed the gate (its medtune.decoding tag), and so how it is served
+    # and scored; a version from before the tag was plain greedy, which is what the default means
+    decoding: config_mod.DecodingConfig = field(default_factory=config_mod.DecodingConfig)
 
     def info(self) -> dict:
         return {"available": True, "name": self.name, "version": self.version, "run_id": self.run_id,
@@ -62,7 +65,8 @@ def lookup(registered_model: str, ref: str = ALIAS) -> dict:
     return {"available": True, "name": registered_model, "version": str(version.version),
             "run_id": version.run_id or version.tags.get(tags.RUN_ID), "alias": ref, "reason": "",
             "base_model": version.tags.get(tags.BASE_MODEL),
-            "base_model_revision": version.tags.get(tags.BASE_MODEL_REVISION)}
+            "base_model_revision": version.tags.get(tags.BASE_MODEL_REVISION),
+            "decoding": version.tags.get(tags.DECODING)}
 
 
 def other_base(info: dict, base: config_mod.ModelConfig) -> str | None:
@@ -103,7 +107,8 @@ def fetch(registered_model: str, dest: Path, base: config_mod.ModelConfig, ref: 
         raise UnsafeChampion(f"{registered_model} version {info['version']}: pickled files in its weights "
                              f"({', '.join(pickled)}); loading them would run code, so the champion is refused")
     champion = Champion(name=registered_model, version=info["version"], run_id=info["run_id"],
-                        adapter_dir=weights[0])
+                        adapter_dir=weights[0],
+                        decoding=config_mod.DecodingConfig.model_validate_json(info.get("decoding") or "{}"))
     return champion, {**info, **champion.info(), "alias": ref}
 
 

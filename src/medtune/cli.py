@@ -293,7 +293,7 @@ def ask(question: str, adapter: Path = typer.Option(None, help="What `train` wro
              else models.load_model(cfg.model, cfg.train).to(models.device()))
     prompt = render_prompt(tokenizer, cfg.preprocess.system_prompt, question)
     print(generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=cfg.eval.max_new_tokens,
-                   desc="answering")[0])
+                   desc="answering", decoding=cfg.decoding)[0])
 
 
 @app.command()
@@ -303,12 +303,16 @@ def serve(model: str = typer.Option("champion", help="Registry alias (champion, 
           host: str = typer.Option(None, help="Default: serve.host."), port: int = typer.Option(
               None, help="Default: serve.port."), config: Path = ConfigOpt, set_: list[str] = SetOpt):
     """Serve the model over an OpenAI-compatible HTTP API until SIGTERM/Ctrl-C (in-flight requests finish)."""
+    import logging
+
     from medtune import serve as serving
 
     cfg = _load(config, set_)
+    # before loading, so what is served (version, source, decoding) is in the log
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     try:
         served = serving.load(cfg, model, adapter.resolve() if adapter else None)
-    except (LookupError, FileNotFoundError) as exc:
+    except (LookupError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc), code=1)
     serving.run(serving.create_app(served, cfg.serve), host or cfg.serve.host,
                 cfg.serve.port if port is None else port, cfg.serve.drain_timeout_s)

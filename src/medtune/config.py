@@ -317,6 +317,26 @@ class EvalConfig(Strict):
         return self
 
 
+class DecodingConfig(Strict):
+    """How answers are decoded: part of the recipe. Evaluate answers with it for base and candidate alike (they
+    differ in their weights only), and what passed the gate is served with it (`medtune serve`, the registered
+    pyfunc, `medtune ask`). Greedy; these settings push it away from loops. Both look at the answer's own
+    tokens, not the prompt's (medtune.decoding), which vLLM cannot do: a version gated with either is served by
+    the transformers engine."""
+
+    repetition_penalty: float = Field(
+        1.0, ge=1.0, le=2.0, description="Divides the logit of every token the answer already holds (CTRL's "
+        "penalty; 1.0 is off). Also penalises the terms an answer must repeat; 1.1-1.3 is the usual range.")
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="Never repeat a token n-gram of this size within an answer (0 is off). Small values "
+        "(2) also forbid legitimate repeats of a multi-token term; 3-4 break loops only.")
+
+    @property
+    def plain(self) -> bool:
+        """Greedy or sampled decoding with nothing added: what any engine reproduces."""
+        return self.repetition_penalty == 1.0 and not self.no_repeat_ngram_size
+
+
 class PreferenceConfig(Strict):
     """Direct preference optimisation (TRL's DPOTrainer) after SFT, continuing the SFT result.
 
@@ -618,6 +638,7 @@ class Config(Strict):
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    decoding: DecodingConfig = DecodingConfig()
     gate: GateConfig
     tracking: TrackingConfig = TrackingConfig()
     hub: HubConfig = HubConfig()
@@ -648,6 +669,14 @@ class Config(Strict):
         return sweep.expand(self.sweep) or [{}]
 
     @model_validator(mode="after")
+    def _deploy_serves_the_decoding(self) -> Config:
+        if self.deploy.enabled and not self.decoding.plain:
+            raise ValueError(f"deploy.enabled with decoding {self.decoding.model_dump()}: KServe's vLLM runtime "
+                             "cannot limit repetition to the answer's tokens as evaluate does, so it would serve "
+                             "answers the gate never saw; serve with `medtune serve` instead")
+        return self
+
+    @model_validator(mode="after")
     def _rules_fit(self) -> Config:
         suites = {s.name: s.kind for s in self.eval.suites}
         for rule in self.gate.rules:
@@ -669,6 +698,7 @@ class Config(Strict):
         return {"gate": self.gate.model_dump(mode="json"), "suites": [s.model_dump(mode="json") for s in ev.suites],
                 "eval": {k: getattr(ev, k) for k in ("max_rows", "confidence", "bootstrap_samples", "seed",
                                                      "compare_champion", "closed_form")},
+                "decoding": self.decoding.model_dump(mode="json"),
                 "data_kind": self.data.kind}
 
     def policy_digest(self) -> str:

@@ -150,6 +150,7 @@ class BatchingEngine:
     window_s: float = 0.01
     max_queue: int = 256
     threads: int | None = None
+    decoding: object = None  # the recipe's DecodingConfig, for every row (None: nothing added)
     on_batch: Callable[[int], None] | None = None
     _queue: queue.Queue = field(default_factory=queue.Queue)
     _thread: threading.Thread | None = None
@@ -214,16 +215,20 @@ class BatchingEngine:
     def _generate(self, batch: list[Job], encoded, tracker: _Tracker) -> None:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from medtune import decoding
+
+        added = decoding.processors(self.decoding, encoded["input_ids"].shape[1]) if self.decoding else []
         kwargs = dict(max_new_tokens=max(job.params.max_tokens for job in batch), use_cache=True,
                       stopping_criteria=StoppingCriteriaList([tracker]), pad_token_id=self.tokenizer.pad_token_id,
                       eos_token_id=self.tokenizer.eos_token_id)
         if any(job.params.temperature > 0 for job in batch):
             # The built-in warpers are off (they take one value per batch); RowSampling applies each row's own.
             kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, logits_processor=LogitsProcessorList(
-                [RowSampling([j.params.temperature for j in batch], [j.params.top_p for j in batch],
-                             self.model.device)]))
+                [*added, RowSampling([j.params.temperature for j in batch], [j.params.top_p for j in batch],
+                                     self.model.device)]))
         else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                          logits_processor=LogitsProcessorList(added))
         self.model.generate(**encoded, **kwargs)
 
 

@@ -1,7 +1,8 @@
 """Score the base model, the candidate (base + adapter) and the champion on the same held-out questions; with a
 preference stage also the SFT-only result the candidate was tuned from (`sft`), so what DPO added is measured.
 
-All answer with greedy decoding. The base model is loaded once; the candidate's adapter is switched off
+All answer greedily with the recipe's `decoding` settings, except the champion, which answers as it was
+gated and is served (the decoding stored with its version). The base model is loaded once; the candidate's adapter is switched off
 for the base pass and the other adapters (SFT-only, the champion's: always of the profile's base model) are
 loaded next to it, so the models differ in their adapters and nothing else. Rows that share a question are
 scored as one question with several references (the best reference counts).
@@ -21,10 +22,12 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from medtune import choices as choice_mod
+from medtune import decoding as decoding_mod
 from medtune import metrics, models
-from medtune.config import Config
+from medtune.config import Config, DecodingConfig
 from medtune.metric_catalog import MODELS
 from medtune.numeric import finite_values, jsonable
 
@@ -32,8 +35,10 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, desc: str) -> list[str]:
-    """Greedy answers for rendered prompts, batched with left padding and the KV cache."""
+def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, desc: str,
+             decoding: DecodingConfig = DecodingConfig()) -> list[str]:
+    """Greedy answers for rendered prompts (with the recipe's decoding), batched with left padding and the KV
+    cache."""
     tokenizer.padding_side = "left"
     answers: list[str] = []
     # Sorting by length keeps padding (wasted compute) low; answers are put back in input order.
@@ -43,8 +48,9 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
         idx = order[start:start + batch_size]
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(model.device)
+        added = LogitsProcessorList(decoding_mod.processors(decoding, batch["input_ids"].shape[1]))
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             logits_processor=added, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         answers += [t.strip() for t in texts]
     restored = [""] * len(prompts)
@@ -255,15 +261,8 @@ def answer_set(cfg: Config, spec: ScoredSet, model, tokenizer, name: str, prompt
                                        [c.gold for c in spec.choices], [c.labels for c in spec.choices])
         return ModelRun(answers=[r["parsed"] for r in scored.rows], scored=scored)
     answers = generate(model, tokenizer, prompts, batch_size=cfg.eval.batch_size,
-                       max_new_tokens=cfg.eval.max_new_tokens, desc=f"{name} on {spec.name}")
+                       max_new_tokens=cfg.eval.max_new_tokens, desc=f"{name} on {spec.name}", decoding=cfg.decoding)
     return ModelRun(answers=answers, scored=score(cfg, answers, spec))
-
-
-def _same_base(cfg: Config, champion) -> bool:
-    if champion.model is None:
-        return True  # not recorded: the registry only holds adapters for this project's base models
-    keys = ("id", "source", "revision", "gguf_file")
-    return all(getattr(champion.model, k) == getattr(cfg.model, k) for k in keys)
 
 
 def own_split_set(cfg: Config, items: pd.DataFrame) -> ScoredSet:
@@ -315,11 +314,13 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     model.config.use_cache = True
 
     def run(name: str, m, tok, model_prompts, model_ppl_prompts) -> dict[str, ModelRun]:
-        own_run = answer_set(cfg, own, m, tok, name, model_prompts)
+        # the champion answers as it is served (its own decoding); the others with this recipe's
+        c = cfg.model_copy(update={"decoding": champion.decoding}) if name == "champion" else cfg
+        own_run = answer_set(c, own, m, tok, name, model_prompts)
         own_run.nll, own_run.counts = answer_nll(m, tok, model_ppl_prompts, ppl_answers,
                                                  batch_size=min(4, cfg.eval.batch_size),
                                                  max_tokens=cfg.preprocess.max_tokens)
-        return {"test": own_run, **{spec.name: answer_set(cfg, spec, m, tok, name) for spec in suites}}
+        return {"test": own_run, **{spec.name: answer_set(c, spec, m, tok, name) for spec in suites}}
 
     runs: dict[str, dict[str, ModelRun]] = {}
     prompts = items["prompt"].tolist()

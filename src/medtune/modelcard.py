@@ -48,7 +48,8 @@ Source: `{{ data_path }}` (sha256 `{{ data_sha256 }}`).
 {% endfor %}
 
 ## Evaluation
-{{ n }} held-out test questions on topics not seen in training, greedy decoding. Difference = candidate − base,
+{{ n }} held-out test questions on topics not seen in training, greedy decoding with `{{ decoding }}` (both
+models; applied to the answer's tokens only, as `medtune.decoding` does, to get what was measured). Difference = candidate − base,
 with a paired bootstrap {{ confidence }} confidence interval.
 
 | metric | base | this adapter | difference [CI] |
@@ -112,4 +113,5 @@ def render(cfg: Config, run_id: str, comparison: dict, decision: dict, splits: d
         method=cfg.train.method, run_id=run_id, data_path=cfg.data.path, data_sha256=data_sha256 or "n/a",
         splits=splits, n=comparison.get("n", "?"), confidence=confidence, rows=rows, gate=decision, checks=checks,
         registration=registration, merged=merged, full=full,
+        decoding=", ".join(f"{k}={v}" for k, v in cfg.decoding.model_dump().items()),
     ).content

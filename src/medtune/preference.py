@@ -140,7 +140,8 @@ def _greedy(cfg: Config, model, tokenizer, prompts: list[str], split: str) -> li
 
     max_new = cfg.preference.max_new_tokens or cfg.eval.max_new_tokens
     try:
-        return generate(model, tokenizer, prompts, cfg.eval.batch_size, max_new, desc=f"self-play {split}")
+        return generate(model, tokenizer, prompts, cfg.eval.batch_size, max_new, desc=f"self-play {split}",
+                        decoding=cfg.decoding)
     finally:
         tokenizer.padding_side = "right"  # generate pads on the left; training pads on the right
 

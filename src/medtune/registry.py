@@ -34,7 +34,8 @@ class AdapterQA(mlflow.pyfunc.PythonModel):
         prompts = [render_prompt(self.tokenizer, self.cfg.preprocess.system_prompt, q)
                    for q in model_input["question"]]
         return generate(self.model, self.tokenizer, prompts, batch_size=self.cfg.eval.batch_size,
-                        max_new_tokens=self.cfg.eval.max_new_tokens, desc="answering")
+                        max_new_tokens=self.cfg.eval.max_new_tokens, desc="answering",
+                        decoding=self.cfg.decoding)
 
 
 class GateNotPassed(RuntimeError):
@@ -51,6 +52,7 @@ def register(cfg: Config, parent_run_id: str, adapter_dir: Path, decision: dict,
     ran = tracking.images_ran(parent_run_id)
     version_tags = {**tracking.identity(cfg), tags.GATE: "passed" if decision["passed"] else "failed",
                     tags.GATE_SUMMARY: decision["summary"], tags.RUN_ID: parent_run_id,
+                    tags.DECODING: json.dumps(cfg.decoding.model_dump(), sort_keys=True),
                     **({tags.IMAGES: json.dumps(ran)} if ran else {})}
     info = mlflow.pyfunc.log_model(
         name="model",

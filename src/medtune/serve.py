@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from medtune import engine as engines
-from medtune.config import Config, ServeConfig
+from medtune.config import Config, DecodingConfig, ServeConfig
 
 log = logging.getLogger(__name__)
 MODEL_HEADER = "x-medtune-model"
@@ -75,14 +75,24 @@ def load(cfg: Config, model_ref: str = "champion", adapter: Path | None = None) 
             raise LookupError(info["reason"])
         return _served(cfg, cfg, found.adapter_dir, f"{registered}:{found.version}", found.version,
                        f"models:/{registered}@{model_ref}" if not model_ref.isdigit() else
-                       f"models:/{registered}/{model_ref}")
+                       f"models:/{registered}/{model_ref}", decoding=found.decoding)
 
 
-def _served(cfg: Config, model_cfg: Config, weights: Path | None, name: str, version: str, source: str) -> Served:
+def _served(cfg: Config, model_cfg: Config, weights: Path | None, name: str, version: str, source: str,
+            decoding: DecodingConfig | None = None) -> Served:
+    """`decoding`: what the version was gated with (stored with it); a local adapter or the base model is served
+    with the profile's."""
     from medtune import models
 
+    decoding = decoding or cfg.decoding
     tokenizer = models.load_tokenizer(model_cfg.model, padding_side="left")
-    want_vllm = cfg.serve.engine == "vllm" or (cfg.serve.engine == "auto" and engines.vllm_available())
+    # vLLM cannot limit repetition to the answer's own tokens (medtune.decoding): `auto` serves such a version
+    # with transformers, as it was measured; an explicit `vllm` is refused rather than served differently.
+    want_vllm = cfg.serve.engine == "vllm" or (cfg.serve.engine == "auto" and engines.vllm_available()
+                                               and decoding.plain)
+    if want_vllm and not decoding.plain:
+        raise ValueError(f"{name} was gated with decoding {decoding.model_dump()}, which vLLM cannot apply: "
+                         "serve it with serve.engine=transformers (or auto)")
     if want_vllm:  # pragma: no cover - vLLM needs CUDA
         engine = engines.VllmEngine(models.resolve(model_cfg.model), str(weights) if weights else None, name,
                                     cfg.serve.max_batch_size,
@@ -93,8 +103,9 @@ def _served(cfg: Config, model_cfg: Config, weights: Path | None, name: str, ver
         model.config.use_cache = True  # training loads it off; generation wants the KV cache
         engine = engines.BatchingEngine(model, tokenizer, max_batch_size=cfg.serve.max_batch_size,
                                         window_s=cfg.serve.batch_window_ms / 1000, max_queue=cfg.serve.max_queue,
-                                        threads=cfg.serve.threads)
-    log.info("serving %s from %s with %s", name, source, type(engine).__name__)
+                                        threads=cfg.serve.threads, decoding=decoding)
+    log.info("serving %s from %s with %s, decoding %s", name, source, type(engine).__name__,
+             decoding.model_dump())
     return Served(name=name, version=version, source=source, tokenizer=tokenizer, engine=engine,
                   system_prompt=system_prompt(cfg))
 
@@ -406,7 +417,6 @@ def run(app, host: str, port: int, drain_timeout_s: float) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting and let in-flight requests finish (up to the timeout)."""
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout_s,
                                   log_level="info", access_log=False)).run()
 

@@ -34,4 +34,5 @@ PROMOTED = "medtune.promoted"
 PREVIOUS_CHAMPION = "medtune.previous_champion"
 HUB_REPO = "medtune.hub_repo"
 HUB_COMMIT = "medtune.hub_commit"
+DECODING = "medtune.decoding"  # JSON of the decoding it was gated with, and is served with
 IMAGES = "medtune.images"  # JSON {step: image} of the run's pods (absent under kfp.local)
