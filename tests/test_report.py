@@ -53,7 +53,7 @@ def _text(html: str) -> str:
 
 
 def test_report_sections_metric_table_and_plain_headline():
-    comp = _comparison(champion=True)
+    comp = {**_comparison(champion=True), "decoding": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 3}}
     html = report.render(comp, decide(POLICY, comp), [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
                                                       {"step": 2, "eval_loss": 1.7}], _predictions(), "t")
     text = _text(html)
@@ -68,6 +68,7 @@ def test_report_sections_metric_table_and_plain_headline():
     assert "+0.0300 [-0.0100, +0.0700]" in text and "+0.1000 [+0.0400, +0.1600] *" in text
     assert "-0.0400 [-0.0900, -0.0100] *" in text
     assert "champion: m version 7" in text
+    assert "Answers are greedy with no_repeat_ngram_size=3 on the answer" in text  # the decoding, not its off knobs
     assert html.count("data:image/png;base64") == 2    # metric bars and the loss curve
     assert "Q three &lt;b&gt;?" in html                 # user text is escaped
 

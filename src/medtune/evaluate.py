@@ -145,6 +145,7 @@ class Evaluation:
     bootstrap: dict = field(default_factory=lambda: {"samples": 1000, "seed": 0, "confidence": 0.95})
     suites: dict[str, Evaluation] = field(default_factory=dict)
     scoring: str = "generate"
+    decoding: dict = field(default_factory=dict)  # how base, candidate and SFT-only answered (DecodingConfig)
 
     @property
     def base(self) -> dict:
@@ -193,6 +194,7 @@ class Evaluation:
             "bootstrap": self.bootstrap,
             "perplexity_split": self.perplexity_split,
             "scoring": self.scoring,
+            "decoding": self.decoding,
             **({"suites": {name: sub.comparison() for name, sub in self.suites.items()}} if self.suites else {}),
         }
 
@@ -348,7 +350,8 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
 
     def result(spec: ScoredSet, **extra) -> Evaluation:
         return Evaluation(kind=spec.kind, items=spec.items, runs={m: runs[m][spec.name] for m in MODELS if m in runs},
-                          champion_info=champion_info, bootstrap=bootstrap, scoring=spec.scoring, **extra)
+                          champion_info=champion_info, bootstrap=bootstrap, scoring=spec.scoring,
+                          decoding=cfg.decoding.model_dump(), **extra)
 
     return result(own, perplexity_split=perplexity_split, suites={spec.name: result(spec) for spec in suites})
 

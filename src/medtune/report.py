@@ -271,6 +271,15 @@ def trials_section(trials: dict | None) -> str:
 
 
 
+def _decoding_note(decoding: dict) -> str:
+    from medtune.config import DecodingConfig
+
+    off = DecodingConfig().model_dump()
+    added = ", ".join(f"{k}={v}" for k, v in decoding.items() if v != off.get(k))
+    return (f"Answers are greedy{f' with {_esc(added)} on the answer' if added else ''} (the profile's "
+            "<code>decoding</code>, as served); the champion answers with the decoding it was gated with.")
+
+
 def render(comparison: dict, decision: dict, history: list[dict], predictions: pd.DataFrame, title: str,
            length_change_flag: float = 0.3, trials: dict | None = None) -> str:
     kind = comparison.get("kind", "free_text")
@@ -290,7 +299,8 @@ def render(comparison: dict, decision: dict, history: list[dict], predictions: p
     ci_note = (f"Differences are candidate minus the other model, with a {fmt(boot.get('confidence', 0.95), 2)} "
                f"paired bootstrap percentile CI ({boot.get('samples')} resamples of the same questions, seed "
                f"{boot.get('seed')}); * marks a CI that excludes zero. Perplexity is on the "
-               f"{_esc(comparison.get('perplexity_split') or 'test')} split's reference answers.")
+               f"{_esc(comparison.get('perplexity_split') or 'test')} split's reference answers. "
+               f"{_decoding_note(comparison.get('decoding') or {})}")
     names = catalog.PRIMARY.get(kind, ())
     plot_names = tuple(m for m in (*names, "rouge1", "rouge2", "exact_match") if m in (comparison.get("base") or {})
                        and m != "bleu")
