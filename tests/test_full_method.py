@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 QUESTION = "What is high blood pressure?"
 
 
-def test_full_fine_tune_is_evaluated_gated_registered_and_answers(tiny_model_dir, tmp_path):
+def test_full_fine_tune_is_evaluated_gated_registered_and_answers(tiny_model_dir, tmp_path, monkeypatch):
     tree = tiny_config_tree(tiny_model_dir)
     tree["train"].update(method="full", learning_rate=1e-3)
     tree["eval"]["max_rows"] = None  # the whole test split: 30+ questions, the policy's minimum
@@ -43,6 +43,7 @@ def test_full_fine_tune_is_evaluated_gated_registered_and_answers(tiny_model_dir
 
         cfg = config_mod.load(profile, [f"tracking.tracking_uri={uri}"])
         direct = _answer(models.load_trained(cfg.model, cfg.train, trained), cfg)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # undone after the test: later ones must not find it stopped
         mlflow.set_tracking_uri(uri)
         registered = mlflow.pyfunc.load_model("models:/medtune-full-it/1")
         assert registered.predict(pd.DataFrame({"question": [QUESTION]})) == [direct]
@@ -68,4 +69,5 @@ def _answer(model, cfg) -> str:
 
     tokenizer = models.load_tokenizer(cfg.model, padding_side="left")
     prompt = render_prompt(tokenizer, cfg.preprocess.system_prompt, QUESTION)
-    return generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=cfg.eval.max_new_tokens, desc="ask")[0]
+    return generate(model, tokenizer, [prompt], batch_size=1, max_new_tokens=cfg.eval.max_new_tokens, desc="ask",
+                    decoding=cfg.decoding)[0]

@@ -72,7 +72,7 @@ def test_self_play_drops_near_identical_pairs_and_counts_them(tiny_model_dir, sp
     tokenizer = models.load_tokenizer(cfg.model)
     policy = pref.load_policy(cfg, sft_adapter)
     rows = splits["train"].head(8).reset_index(drop=True)
-    own = generate(policy, tokenizer, rows["prompt"].tolist(), 4, 8, desc="probe")
+    own = generate(policy, tokenizer, rows["prompt"].tolist(), 4, 8, desc="probe", decoding=cfg.decoding)
     tokenizer.padding_side = "right"
     # where the reference answer is what the SFT model says anyway, there is no preference to learn
     rows.loc[:2, "answer"] = own[:3]
