@@ -131,8 +131,8 @@ def loglikelihoods(model, tokenizer, prompts: list[str], choices: list[Choices],
             rest = torch.log_softmax(logits[:, :-1], dim=-1)  # position k predicts token k + 1
             totals = []
             for r, c in enumerate(c_ids):
-                tail = rest[r, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum() if len(c) > 1 else 0.0
-                totals.append(float(first[rows[r], c[0]] + tail))
+                tail = rest[r, torch.arange(len(c) - 1), torch.tensor(c[1:], dtype=torch.long)].sum()
+                totals.append(float(first[rows[r], c[0]] + tail))  # a one-token choice: its tail sums nothing
             pos = 0
             for i in idx:
                 out[i] = np.array(totals[pos:pos + len(choices[i].texts)])

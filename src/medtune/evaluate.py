@@ -2,8 +2,8 @@
 preference stage also the SFT-only result the candidate was tuned from (`sft`), so what DPO added is measured.
 
 All answer greedily with the recipe's `decoding` settings, except the champion, which answers as it was
-gated and is served (the decoding stored with its version). The base model is loaded once; the candidate's adapter is switched off
-for the base pass and the other adapters (SFT-only, the champion's: always of the profile's base model) are
+gated and is served (the decoding stored with its version). The base model is loaded once; the candidate's
+adapter is switched off for the base pass and the other adapters (SFT-only, the champion's: always of the profile's base model) are
 loaded next to it, so the models differ in their adapters and nothing else. Rows that share a question are
 scored as one question with several references (the best reference counts).
 
@@ -50,7 +50,8 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
                           add_special_tokens=False).to(model.device)
         added = LogitsProcessorList(decoding_mod.processors(decoding, batch["input_ids"].shape[1]))
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             logits_processor=added, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             logits_processor=added, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         answers += [t.strip() for t in texts]
     restored = [""] * len(prompts)
