@@ -190,6 +190,7 @@ def test_cli_deploy_and_rollback(tmp_path, monkeypatch):
                                        "-c", str(PROFILE), *sets])
         assert back.exit_code == 0, back.output
         assert "registry alias was not moved" in back.output
+        assert "could not read version 1's gated decoding from the registry" in " ".join(back.output.split())
         assert kube.isvc("medtune", "medtune")["metadata"]["labels"]["medtune/model-version"] == "1"
         assert kube.isvc("medtune", "medtune")["metadata"]["generation"] == 3
         kube.broken.add("3")

@@ -309,3 +309,25 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_kserve_deploy_refuses_a_version_gated_with_answer_only_decoding(champion_server):
+    """`medtune deploy` reads the version's gated decoding from the real registry: vLLM cannot apply it to the
+    answer alone, so the version is refused before anything is applied to the (stand-in) cluster."""
+    from typer.testing import CliRunner
+
+    from kube_standin import KubeStandIn
+    from medtune import cli
+    from test_kserve import ENABLE, PROFILE
+
+    s = champion_server
+    sets = [*ENABLE, f"tracking.tracking_uri={s['tracking_uri']}",
+            f"tracking.registered_model={s['cfg'].tracking.registered_model}"]
+    with KubeStandIn() as kube:
+        result = CliRunner().invoke(cli.app, ["deploy", "--host", kube.url, "--version", s["version"],
+                                              "--poll-s", "0.01", "-c", str(PROFILE),
+                                              *[a for x in sets for a in ("--set", x)]])
+        assert kube.isvc("medtune", "medtune") is None, "nothing may be applied"
+    assert result.exit_code == 1, result.output
+    assert "passed the gate decoded with {'repetition_penalty': 1.3, 'no_repeat_ngram_size': 2}" in \
+        " ".join(result.output.split())

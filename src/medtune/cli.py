@@ -236,9 +236,34 @@ KubeHostOpt = typer.Option(None, "--host", help="Kubernetes API server URL (bear
 PollOpt = typer.Option(5.0, "--poll-s", help="Seconds between readiness checks.")
 
 
+def _check_gated_decoding(cfg: config_mod.Config, version: str) -> None:
+    """KServe's vLLM runtime decodes plainly: a version gated with answer-only repetition rules (its
+    medtune.decoding tag) would be served unlike what passed the gate, so it is refused. Where the registry cannot
+    be read the deploy goes on (a rollback must work while MLflow is down) and says it could not check."""
+    import mlflow
+
+    from medtune import champion
+
+    try:
+        mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+        info = champion.lookup(cfg.tracking.registered_model, version)
+    except Exception as exc:
+        console.print(f"[yellow]could not read version {version}'s gated decoding from the registry ({exc}); "
+                      "deploying it as plain greedy[/]", highlight=False)
+        return
+    if not info["available"]:
+        _fail(f"cannot deploy: {info['reason']}", code=1)
+    decoding = config_mod.DecodingConfig.model_validate_json(info.get("decoding") or "{}")
+    if not decoding.plain:
+        _fail(f"cannot deploy {cfg.tracking.registered_model} version {version} on KServe's vLLM runtime: it "
+              f"passed the gate decoded with {decoding.model_dump()}, which vLLM cannot apply to the answer "
+              "alone; serve it with `medtune serve` (transformers engine)", code=1)
+
+
 def _deploy(cfg: config_mod.Config, host: str | None, version: str, role: str, poll_s: float) -> dict:
     from medtune import kserve
 
+    _check_gated_decoding(cfg, version)
     try:
         cluster = kserve.Cluster(kserve.connect(host, os.environ.get("K8S_TOKEN")))
         result = kserve.deploy(cfg, cluster, version, role, poll_s=poll_s, with_rbac=True)
