@@ -185,8 +185,8 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="Saves activation memory at ~30% more compute.")
     padding_free: bool | Literal["auto"] = Field(
         True, description="Concatenate each batch into one row (no pad tokens computed); false: padded batches of "
-                          "similar lengths; auto: padding-free in float32, padded in bf16 (which is faster depends "
-                          "on the dtype: benchmarks/train_throughput.py --ablations measures it).")
+                          "similar lengths; auto: padded on CPU, padding-free on CUDA or with packing "
+                          "(benchmarks/train_throughput.py --ablations measures which is faster).")
     packing: bool = Field(False, description="TRL best-fit packing into preprocess.max_tokens rows; batch_size "
                                              "then counts packed rows.")
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only (prompt masked).")

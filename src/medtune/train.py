@@ -159,12 +159,13 @@ def best_checkpoint_metrics(trainer, stopper: EarlyStoppingCallback | None) -> d
 
 
 def padding_free(t) -> bool:
-    """train.padding_free resolved. auto: padded (length-grouped) batches where the matmuls run in bf16, where the
-    Linears are fast enough that attention over one long concatenated row (quadratic in the batch's tokens) costs
-    more than the padding; padding-free in float32, where the Linears dominate and padding is pure waste."""
+    """train.padding_free resolved. auto: padded, length-grouped batches on CPU, where
+    benchmarks/train_throughput.py --ablations measured them faster in both dtypes (attention over one
+    concatenated row is quadratic in the batch's tokens, and length grouping leaves little padding);
+    padding-free with packing (TRL packs into such rows) and on CUDA (not measured yet: the CUDA ablation row)."""
     if t.padding_free != "auto":
         return t.padding_free
-    return t.packing or models.compute_dtype(t) != torch.bfloat16
+    return t.packing or models.device().type == "cuda"
 
 
 def checkpoint_key(cfg: Config, run_id: str) -> str:
