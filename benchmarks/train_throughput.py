@@ -259,7 +259,8 @@ def _cpu_name() -> str:
 
 
 def _git_sha() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True,
+                          text=True)  # -dirty: measured code that no commit holds
     return proc.stdout.strip() or None
 
 

@@ -120,6 +120,9 @@ def test_each_runner_trains_and_counts_tokens(tiny_model_dir, tmp_path):
     for r in (medtune, trl):
         assert r["tokens"] > r["labelled"] > 0 and r["seconds"] > 0 and r["warmup_seconds"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"]) and r["useful_flops_per_s"] > 0
-    assert medtune["settings"]["padding_free"] and not medtune["settings"]["activation_checkpointing"]
+    # the profile's layout (auto: padded, length-grouped on CPU), without TRL's activation checkpointing
+    assert medtune["settings"]["padding_free"] is trainer_mod.padding_free(config_mod.from_dict(tree).train)
+    assert medtune["settings"]["sampling"] == "group_by_length" or medtune["settings"]["padding_free"]
+    assert not medtune["settings"]["activation_checkpointing"]
     assert trl["settings"]["activation_checkpointing"] and not trl["settings"]["bf16_autocast"]
     assert trl["settings"]["dtype"] == medtune["settings"]["dtype"] == "torch.float32"
