@@ -51,7 +51,8 @@ def run(config_json: str, run_id: str, test_dir: str, adapter_dir: str, comparis
                            Path(predictions_dir), rows.read(Path(val_dir)) if val_dir else None, sft)
         mlflow.log_metrics(ev.flat_metrics(comparison))
         mlflow.log_artifact(comparison_path, "evaluation")
-        mlflow.log_artifact(str(Path(predictions_dir) / "predictions.jsonl"), "evaluation")
+        for answers in sorted(Path(predictions_dir).glob("*.jsonl")):  # the split's and each suite's
+            mlflow.log_artifact(str(answers), "evaluation")
         info = comparison["champion_info"]
         mlflow.set_tag(tags.CHAMPION, f"{info.get('name')}/{info.get('version')}" if info.get("available")
                        else "none")
