@@ -101,8 +101,13 @@ def test_suites_are_scored_for_every_model_with_paired_cis(tiny_config, tmp_path
     sets = suites.scored_sets(cfg)
     test_rows = pd.read_json(tiny_config.data.path, lines=True).head(8)
     result = ev.evaluate(cfg, test_rows, None, suites=sets)
-    comparison = result.comparison()
+    comparison = ev.write_outputs(result, tmp_path / "comparison.json", tmp_path / "predictions")
     assert set(comparison["suites"]) == {"mcq", "free"}
+    # each suite's answers, question by question, beside the own split's
+    for name, n in (("predictions", len(result.items)), ("mcq", 10), ("free", 6)):
+        rows = pd.read_json(tmp_path / "predictions" / f"{name}.jsonl", lines=True)
+        assert len(rows) == n and {"question", "references", "base_answer"} <= set(rows.columns)
+    assert set(pd.read_json(tmp_path / "predictions" / "mcq.jsonl", lines=True)["base_answer"]) <= {"A", "B"}  # yes, no
     mcq_scored = comparison["suites"]["mcq"]
     assert mcq_scored["n"] == 10 and mcq_scored["scoring"] == "likelihood"
     assert 0.0 <= mcq_scored["base"]["accuracy"] <= 1.0 and "unparseable_rate" not in mcq_scored["base"]
@@ -131,9 +136,10 @@ def test_closed_form_contract_keeps_exam_vignettes_and_one_letter_answers_and_qu
 def test_shipped_suites_load_and_few_shot_examples_come_from_the_dev_file(tiny_config):
     shipped = config_mod.load(suites.ROOT / "configs" / "local.yaml")
     mmlu, kqa = suites.scored_sets(shipped)
-    assert (mmlu.name, mmlu.scoring, len(mmlu.items)) == ("mmlu_medical", "likelihood", 80)
+    # 174 rows, 172 questions: two identical questions (same options, same answer) sit in two subjects each
+    assert (mmlu.name, mmlu.scoring, len(mmlu.items)) == ("mmlu_medical", "likelihood", 172)
     assert all(len(c.texts) == 4 and c.source == "column" for c in mmlu.choices)
-    assert (kqa.kind, len(kqa.items)) == ("free_text", 50)
+    assert (kqa.kind, len(kqa.items)) == ("free_text", 100)
     suite = shipped.eval.suites[0].model_copy(update={"few_shot_k": 2})
     with_shots = suites.scored_set(shipped, suite)
     dev = [json.loads(line) for line in (suites.ROOT / suite.few_shot_path).read_text().splitlines()[:2]]
