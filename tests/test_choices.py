@@ -90,8 +90,8 @@ def test_suites_are_scored_for_every_model_with_paired_cis(tiny_config, tmp_path
     mcq.write_text("".join(json.dumps({"question": f"Is rest good for a cold {i}?", "answer": "yes" if i % 3 else "no",
                                        "opts": ["yes", "no"]}) + "\n" for i in range(12)))
     free = tmp_path / "free.jsonl"
-    free.write_text("".join(json.dumps({"question": f"What helps a cold {i}?", "answer": "rest and fluids"}) + "\n"
-                            for i in range(6)))
+    free.write_text("".join(json.dumps({"question": f"What helps a cold {i}? Call me at 301-496-5248",
+                                        "answer": "rest and fluids"}) + "\n" for i in range(6)))
     tree = tiny_config.model_dump(mode="json")
     tree["eval"]["suites"] = [
         {"name": "mcq", "path": str(mcq), "kind": "closed_form", "columns": {"opts": "choices"}, "max_rows": 10,
@@ -108,6 +108,9 @@ def test_suites_are_scored_for_every_model_with_paired_cis(tiny_config, tmp_path
         rows = pd.read_json(tmp_path / "predictions" / f"{name}.jsonl", lines=True)
         assert len(rows) == n and {"question", "references", "base_answer"} <= set(rows.columns)
     assert set(pd.read_json(tmp_path / "predictions" / "mcq.jsonl", lines=True)["base_answer"]) <= {"A", "B"}  # yes, no
+    # a suite skips the data contract's masking: its file, logged to MLflow, is masked on the way out
+    written = (tmp_path / "predictions" / "free.jsonl").read_text()
+    assert "301-496-5248" not in written and written.count("[PHONE]") == 6
     mcq_scored = comparison["suites"]["mcq"]
     assert mcq_scored["n"] == 10 and mcq_scored["scoring"] == "likelihood"
     assert 0.0 <= mcq_scored["base"]["accuracy"] <= 1.0 and "unparseable_rate" not in mcq_scored["base"]

@@ -26,7 +26,7 @@ from transformers import LogitsProcessorList
 
 from medtune import choices as choice_mod
 from medtune import decoding as decoding_mod
-from medtune import metrics, models
+from medtune import metrics, models, phi
 from medtune.config import Config, DecodingConfig
 from medtune.metric_catalog import MODELS
 from medtune.numeric import finite_values, jsonable
@@ -385,9 +385,21 @@ def write_outputs(result: Evaluation, comparison_path: Path, predictions_dir: Pa
     comparison_path.parent.mkdir(parents=True, exist_ok=True)
     comparison_path.write_text(json.dumps(comparison, indent=2))
     predictions_dir.mkdir(parents=True, exist_ok=True)
-    for name, scored in {"predictions": result, **result.suites}.items():
-        scored.predictions.to_json(predictions_dir / f"{name}.jsonl", orient="records", lines=True, force_ascii=False)
+    result.predictions.to_json(predictions_dir / "predictions.jsonl", orient="records", lines=True, force_ascii=False)
+    for name, suite in result.suites.items():
+        # A suite is read here, not through the data contract that masks the split's personal data, and these
+        # files go to MLflow: mask them on the way out.
+        suite.predictions.map(_masked).to_json(predictions_dir / f"{name}.jsonl", orient="records", lines=True,
+                                               force_ascii=False)
     return comparison
+
+
+def _masked(value):
+    if isinstance(value, str):
+        return phi.mask(value)
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
 
 
 def flat_metrics(comparison: dict, prefix: str = "") -> dict[str, float]:
