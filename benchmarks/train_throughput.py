@@ -124,13 +124,17 @@ def _with_overrides(cfg, train: dict, steps: int):
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=train)})
 
 
-def _data(cfg):
+def _data(cfg, prepared: str | None = None):
+    """The profile's training split; from `prepared` (written by --write-prepared) on a machine that lacks the
+    data-validation stack (great-expectations), such as a bare GPU machine."""
     import pandas as pd
 
     from medtune import models
     from medtune import preprocess as prep
 
     tokenizer = models.load_tokenizer(cfg.model)
+    if prepared:
+        return pd.read_json(prepared, orient="records", lines=True), tokenizer
     rows = pd.read_json(ROOT / cfg.data.path, orient="records", lines=True)
     return prep.prepare(rows, tokenizer, cfg.preprocess).splits["train"], tokenizer
 
@@ -159,7 +163,7 @@ def run_variant(spec: dict) -> dict:
     cfg = profile_config(device, spec.get("model_dir"), Path(spec.get("profile", PROFILE)))
     row = variants(device, spec["native_bf16"], cfg.train)[spec["name"]]
     cfg = _with_overrides(cfg, row.get("train", {}), spec["warmup"] + spec["steps"])
-    rows, tokenizer = _data(cfg)
+    rows, tokenizer = _data(cfg, spec.get("prepared"))
     out = Path(tempfile.mkdtemp(prefix=f"bench-{spec['name']}-"))
     if row["runner"] == "trl":
         trainer = _trl_trainer(cfg, rows, tokenizer, out, row.get("args", {}))
@@ -325,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where available")
     parser.add_argument("--json", type=Path, help=f"where to write results (default {RESULTS_DIR}/"
                                                   "train_throughput_<device>.json; --quick: not written)")
+    parser.add_argument("--prepared", help="the training split as --write-prepared wrote it (skips preprocessing)")
+    parser.add_argument("--write-prepared", type=Path, help="write the profile's training split there and exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -337,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from medtune import models, throughput
 
+    if args.write_prepared:
+        rows, _ = _data(profile_config("cpu", profile=args.profile))
+        rows.to_json(args.write_prepared, orient="records", lines=True)
+        return print(f"# wrote {len(rows)} training rows to {args.write_prepared}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     native = models.native_bf16(torch.device(device))
     model_dir = None
@@ -351,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown rows {unknown}; this device has {list(table)}")
     if native and "trl-defaults" in names:  # TRL's default bf16 is native here: the same script as trl-fair
         names.remove("trl-defaults")
-    rows, _ = _data(cfg)
+    rows, _ = _data(cfg, args.prepared)
     tokens_per_step = int(rows["n_tokens"].mean() * cfg.train.batch_size) if "n_tokens" in rows else \
         cfg.train.batch_size * cfg.preprocess.max_tokens // 2
     meta = {**context(device, native), "device": device, "args": {k: str(v) for k, v in vars(args).items()},
@@ -371,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"rep {rep}: matmul peak at the model's shapes {peaks[-1] / 1e9:.1f} GFLOP/s", flush=True)
         emulated_defaults = name == "trl-defaults" and not native  # minutes per step: one short repetition
         spec = {"name": name, "rep": rep, "device": device, "native_bf16": native, "model_dir": model_dir,
-                "profile": str(args.profile),
+                "profile": str(args.profile), "prepared": args.prepared,
                 "warmup": 1 if emulated_defaults else args.warmup,
                 "steps": args.defaults_steps if emulated_defaults else args.steps}
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
