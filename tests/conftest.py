@@ -138,3 +138,10 @@ def medtune_run(tree: dict, tmp_path: Path, timeout: int = 1500):
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
         yield profile, uri, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _outputs_store(tmp_path_factory):
+    """Model outputs are reused within this session only, never from (or into) the user's cache (medtune.reuse);
+    steps run as subprocesses inherit it."""
+    os.environ["MEDTUNE_SCORE_CACHE"] = str(tmp_path_factory.mktemp("scores"))

@@ -286,3 +286,55 @@ def test_evaluate_gate_register_with_a_real_mlflow_server(tiny_model_dir, adapte
         versions = {v.version for v in client.search_model_versions(f"name='{name}'")}
         assert {first["version"], second["version"], third["version"]} <= versions   # nothing deleted
         assert client.get_model_version(name, third["version"]).tags["medtune.previous_champion"] == first["version"]
+
+
+def test_outputs_are_reused_only_for_the_same_weights_inputs_and_settings(tiny_model_dir, adapters, test_rows,
+                                                                          tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setenv("MEDTUNE_SCORE_CACHE", str(store))
+    cfg = _cfg(tiny_model_dir)
+    ppl_rows = test_rows.iloc[:4]
+    first = ev.evaluate(cfg, test_rows, adapters[0], ppl_rows).comparison()
+    assert "reused_outputs" not in first
+    assert len(list(store.rglob("*.json"))) == 4  # base and candidate: answers and reference NLLs
+
+    second = ev.evaluate(cfg, test_rows, adapters[0], ppl_rows).comparison()
+    both = ["generate:test", "answer_nll:test"]
+    assert second.pop("reused_outputs") == {"base": both, "candidate": both}
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)  # same scores, same CIs
+
+    # other adapter weights: the base model's outputs are reused, the new candidate's computed
+    other = ev.evaluate(cfg, test_rows, adapters[1], ppl_rows).comparison()
+    assert other["reused_outputs"] == {"base": both}
+    assert other["candidate"] != first["candidate"]
+
+    # longer answers: generated again; the reference NLLs do not depend on it and are reused
+    longer = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"max_new_tokens": 7})})
+    assert ev.evaluate(longer, test_rows, adapters[0], ppl_rows).comparison()["reused_outputs"] == {
+        "base": ["answer_nll:test"], "candidate": ["answer_nll:test"]}
+
+    kept = sorted(store.rglob("*.json"))
+    off = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"reuse_outputs": False})})
+    assert "reused_outputs" not in ev.evaluate(off, test_rows, adapters[0], ppl_rows).comparison()
+    assert sorted(store.rglob("*.json")) == kept  # nothing read, nothing written
+
+
+def test_a_damaged_stored_output_is_computed_again(tmp_path):
+    from medtune import reuse
+
+    def outputs():
+        return reuse.Outputs(tmp_path, {"base": "digest"}, {"code": "digest"})
+
+    first = outputs()
+    assert first.get("generate:test", {"prompts": ["q"]}, lambda: ["an answer"]) == ["an answer"]
+    assert first.computed == ["generate:test"]
+    (stored,) = tmp_path.rglob("*.json")
+    stored.write_text('{"value": ')  # a run killed mid-write elsewhere, or a damaged disk
+    again = outputs()
+    assert again.get("generate:test", {"prompts": ["q"]}, lambda: ["recomputed"]) == ["recomputed"]
+    assert again.computed == ["generate:test"] and not again.reused
+    third = outputs()
+    assert third.get("generate:test", {"prompts": ["q"]}, lambda: pytest.fail("computed again")) == ["recomputed"]
+    assert third.reused == ["generate:test"]
+    # another input is another output
+    assert third.get("generate:test", {"prompts": ["q2"]}, lambda: ["other"]) == ["other"]

@@ -4,6 +4,7 @@ the feature method, and what evaluate, the gate and the report make of the SFT-o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -191,6 +192,31 @@ def test_evaluate_scores_the_sft_only_adapter_and_the_gate_says_what_dpo_added(d
     assert note[2].startswith("gate on SFT only: ") and note[3].startswith("test: SFT -> SFT + DPO rougeL ")
 
 
+def test_dpo_continues_a_qlora_adapter_on_the_4bit_base(tiny_model_dir, splits, tmp_path):
+    """The cluster profile's method: the base stays 4-bit NF4, the SFT adapter is what DPO trains."""
+    from bitsandbytes.nn import Linear4bit
+
+    cfg = _cfg(tiny_model_dir, train={"method": "qlora"}, max_steps=4)
+    sft_dir = trainer_mod.train(cfg, splits["train"], splits["validation"], tmp_path / "sft",
+                                tmp_path / "sft-work").adapter_dir
+    policy = pref.load_policy(cfg, sft_dir)
+    assert len([m for m in policy.modules() if isinstance(m, Linear4bit)]) == 14
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    rows = splits["train"].head(16).reset_index(drop=True)
+    pairs = pd.DataFrame({"id": rows["id"].astype(str), "question": rows["question"], "prompt": rows["prompt"],
+                          "chosen": rows["answer"], "rejected": "i do not know ."})
+    result = pref.train(cfg, policy, models.load_tokenizer(cfg.model),
+                        pref.Pairs(pairs.head(8), pairs.tail(8).reset_index(drop=True), "self_play"),
+                        tmp_path / "adapter", tmp_path / "work")
+    m = result.metrics
+    assert m["steps"] == 4 and math.isfinite(m["train_loss"])
+    assert m["before_rewards/margins"] == pytest.approx(0, abs=1e-3)  # the SFT policy is the reference
+    assert m["after_rewards/margins"] > m["before_rewards/margins"] + 0.01
+    weights, sft_weights = (load_file(d / "adapter_model.safetensors") for d in (result.adapter_dir, sft_dir))
+    assert weights.keys() == sft_weights.keys() and any(not torch.equal(weights[k], sft_weights[k]) for k in weights)
+
+
 def test_dpo_early_stopping_restores_the_best_checkpoint(tiny_model_dir, splits, sft_adapter, tmp_path):
     # held-out pairs that prefer the opposite of the training pairs: their margin falls from the first update on,
     # so the best checkpoint is the first validation's and patience 1 stops at the second
@@ -210,7 +236,7 @@ def test_dpo_early_stopping_restores_the_best_checkpoint(tiny_model_dir, splits,
     assert best_step < last_step and margins[last_step] < margins[best_step]
     assert m["best_step"] == best_step and m["best_metric"] == pytest.approx(margins[best_step])
     assert m["early_stopped_at_step"] == last_step == m["steps"] < 12
-    # the saved adapter is the best one: scored again it gives the best logged margin, not the last
+    # what is saved is reported with the best step's scores, and it is that checkpoint, weight for weight
     assert m["after_rewards/margins"] == pytest.approx(margins[best_step], abs=1e-5)
     reloaded = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     best = load_file(tmp_path / "work" / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors")

@@ -94,6 +94,10 @@ def test_gains_and_losses_are_ordered_and_show_every_reference():
     text = _text(html)
     assert "champion: none (no version of m has alias 'champion')" in text
     assert "No training history" in text
+    assert "earlier run" not in text  # every output computed in this run
+    comp["reused_outputs"] = {"base": ["generate:test", "answer_nll:test", "loglikelihoods:mmlu_medical"]}
+    assert "Outputs taken from an earlier run with the same weights, prompts, settings and code " \
+           "(medtune.reuse): base (3)." in _text(report.render(comp, decide(POLICY, comp), [], _predictions(), "t"))
     # no champion: its column shows a dash, not a number
     row = re.search(r"<tr><td>rougeL</td>(.*?)</tr>", html).group(1)
     assert "<td>—</td>" in row

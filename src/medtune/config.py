@@ -300,6 +300,10 @@ class EvalConfig(Strict):
         "continuation (never unparseable, one forward pass per choice); generate: generate an answer and "
         "parse a label from it (reports unparseable_rate).")
     compare_champion: bool = Field(True, description="Also score the registered `champion` version, if any.")
+    reuse_outputs: bool = Field(True, description="Take a model's answers and likelihoods from an earlier run "
+                                "when its weights, prompts, settings, code and library versions are the same "
+                                "(medtune.reuse; the base model's and champion's scores are then not recomputed "
+                                "every run). Off: every output is computed afresh.")
     bootstrap_samples: int = Field(1000, ge=100, description="Paired bootstrap resamples per metric.")
     confidence: float = Field(0.95, ge=0.9, lt=1.0, description="Two-sided confidence level of the CIs (a floor "
                               "of 0.9: a lower level lets noise pass as significant).")

@@ -26,7 +26,7 @@ from transformers import LogitsProcessorList
 
 from medtune import choices as choice_mod
 from medtune import decoding as decoding_mod
-from medtune import metrics, models, phi
+from medtune import metrics, models, phi, reuse
 from medtune.config import Config, DecodingConfig
 from medtune.metric_catalog import MODELS
 from medtune.numeric import finite_values, jsonable
@@ -150,6 +150,7 @@ class Evaluation:
     suites: dict[str, Evaluation] = field(default_factory=dict)
     scoring: str = "generate"
     decoding: dict = field(default_factory=dict)  # how base, candidate and SFT-only answered (DecodingConfig)
+    reused: dict[str, list[str]] = field(default_factory=dict)  # model -> outputs taken from medtune.reuse
 
     @property
     def base(self) -> dict:
@@ -200,6 +201,7 @@ class Evaluation:
             "scoring": self.scoring,
             "decoding": self.decoding,
             **({"suites": {name: sub.comparison() for name, sub in self.suites.items()}} if self.suites else {}),
+            **({"reused_outputs": self.reused} if self.reused else {}),
         }
 
     @property
@@ -256,19 +258,30 @@ def score(cfg: Config, answers: list[str], spec: ScoredSet) -> metrics.Scored:
     return metrics.score_free_text(answers, refs, **common)
 
 
-def answer_set(cfg: Config, spec: ScoredSet, model, tokenizer, name: str, prompts: list[str] | None = None) -> ModelRun:
-    """One model's answers and scores on one set (generation, or likelihood of each choice)."""
+def answer_set(cfg: Config, spec: ScoredSet, model, tokenizer, name: str, prompts: list[str] | None = None,
+               outputs: reuse.Outputs | None = None) -> ModelRun:
+    """One model's answers and scores on one set (generation, or likelihood of each choice); the model's
+    outputs come from `outputs` where this model computed them before (medtune.reuse)."""
+    outputs = outputs or reuse.Outputs(None, {})
     if prompts is None:
         prompts = [choice_mod.render(tokenizer, cfg.preprocess.system_prompt, q, spec.shots)
                    for q in spec.items["question"]]
     if spec.scoring == "likelihood":
-        ll = choice_mod.loglikelihoods(model, tokenizer, prompts, spec.choices,
-                                       batch_size=min(cfg.eval.batch_size, LIKELIHOOD_BATCH))
+        batch = min(cfg.eval.batch_size, LIKELIHOOD_BATCH)
+        texts = [c.texts for c in spec.choices]
+        ll = [np.asarray(row) for row in outputs.get(
+            f"loglikelihoods:{spec.name}", {"prompts": prompts, "choices": texts, "batch_size": batch},
+            lambda: [row.tolist() for row in choice_mod.loglikelihoods(model, tokenizer, prompts, spec.choices,
+                                                                       batch_size=batch)])]
         scored = metrics.score_choices(ll, [[len(t) for t in c.texts] for c in spec.choices],
                                        [c.gold for c in spec.choices], [c.labels for c in spec.choices])
         return ModelRun(answers=[r["parsed"] for r in scored.rows], scored=scored)
-    answers = generate(model, tokenizer, prompts, batch_size=cfg.eval.batch_size,
-                       max_new_tokens=cfg.eval.max_new_tokens, desc=f"{name} on {spec.name}", decoding=cfg.decoding)
+    settings = {"prompts": prompts, "batch_size": cfg.eval.batch_size, "max_new_tokens": cfg.eval.max_new_tokens,
+                "decoding": cfg.decoding.model_dump()}
+    # kept as the answer files are written: masked (the own split is masked already; a suite is not)
+    answers = outputs.get(f"generate:{spec.name}", settings, lambda: [phi.mask(a) for a in generate(
+        model, tokenizer, prompts, batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        desc=f"{name} on {spec.name}", decoding=cfg.decoding)])
     return ModelRun(answers=answers, scored=score(cfg, answers, spec))
 
 
@@ -320,14 +333,27 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     adapters = list(shared)
     model.config.use_cache = True
 
+    base_identity = reuse.weights_identity(cfg) if reuse.store_dir(cfg) else {}
+    weights = {"base model": None, **trained, "champion": champion.adapter_dir if champion else None}
+    reused: dict[str, list[str]] = {}
+
     def run(name: str, m, tok, model_prompts, model_ppl_prompts) -> dict[str, ModelRun]:
         # the champion answers as it is served (its own decoding); the others with this recipe's
         c = cfg.model_copy(update={"decoding": champion.decoding}) if name == "champion" else cfg
-        own_run = answer_set(c, own, m, tok, name, model_prompts)
-        own_run.nll, own_run.counts = answer_nll(m, tok, model_ppl_prompts, ppl_answers,
-                                                 batch_size=min(4, cfg.eval.batch_size),
-                                                 max_tokens=cfg.preprocess.max_tokens)
-        return {"test": own_run, **{spec.name: answer_set(c, spec, m, tok, name) for spec in suites}}
+        outputs = reuse.Outputs.of(cfg, {**base_identity, "trained": weights[name] and reuse.files_digest(
+            weights[name])}) if base_identity else reuse.Outputs(None, {})
+        own_run = answer_set(c, own, m, tok, name, model_prompts, outputs)
+        ppl = {"prompts": model_ppl_prompts, "answers": ppl_answers, "batch_size": min(4, cfg.eval.batch_size),
+               "max_tokens": cfg.preprocess.max_tokens}
+        nll, counts = outputs.get("answer_nll:test", ppl, lambda: [a.tolist() for a in answer_nll(
+            m, tok, model_ppl_prompts, ppl_answers, batch_size=ppl["batch_size"], max_tokens=ppl["max_tokens"])])
+        own_run.nll, own_run.counts = np.asarray(nll), np.asarray(counts)
+        sets = {"test": own_run, **{spec.name: answer_set(c, spec, m, tok, name, outputs=outputs) for spec in suites}}
+        if outputs.reused:
+            reused["base" if name == "base model" else name] = outputs.reused
+            log.info("%s: reused outputs computed before with the same weights, inputs and code: %s", name,
+                     ", ".join(outputs.reused))
+        return sets
 
     runs: dict[str, dict[str, ModelRun]] = {}
     prompts = items["prompt"].tolist()
@@ -358,7 +384,8 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
                           champion_info=champion_info, bootstrap=bootstrap, scoring=spec.scoring,
                           decoding=cfg.decoding.model_dump(), **extra)
 
-    return result(own, perplexity_split=perplexity_split, suites={spec.name: result(spec) for spec in suites})
+    return result(own, perplexity_split=perplexity_split, suites={spec.name: result(spec) for spec in suites},
+                  reused=reused)
 
 
 def _separate_champion(cfg: Config, champion, items: pd.DataFrame, perplexity_rows: pd.DataFrame, run):

@@ -280,6 +280,14 @@ def _decoding_note(decoding: dict) -> str:
             "<code>decoding</code>, as served); the champion answers with the decoding it was gated with.")
 
 
+def _reuse_note(reused: dict | None) -> str:
+    if not reused:
+        return ""
+    names = ", ".join(f"{_esc(model)} ({len(outputs)})" for model, outputs in reused.items())
+    return (f" Outputs taken from an earlier run with the same weights, prompts, settings and code (medtune.reuse): "
+            f"{names}.")
+
+
 def render(comparison: dict, decision: dict, history: list[dict], predictions: pd.DataFrame, title: str,
            length_change_flag: float = 0.3, trials: dict | None = None) -> str:
     kind = comparison.get("kind", "free_text")
@@ -300,7 +308,7 @@ def render(comparison: dict, decision: dict, history: list[dict], predictions: p
                f"paired bootstrap percentile CI ({boot.get('samples')} resamples of the same questions, seed "
                f"{boot.get('seed')}); * marks a CI that excludes zero. Perplexity is on the "
                f"{_esc(comparison.get('perplexity_split') or 'test')} split's reference answers. "
-               f"{_decoding_note(comparison.get('decoding') or {})}")
+               f"{_decoding_note(comparison.get('decoding') or {})}{_reuse_note(comparison.get('reused_outputs'))}")
     names = catalog.PRIMARY.get(kind, ())
     plot_names = tuple(m for m in (*names, "rouge1", "rouge2", "exact_match") if m in (comparison.get("base") or {})
                        and m != "bleu")
