@@ -4,8 +4,8 @@ The candidate is fine-tuned on answers shuffled across questions (every answer b
 question). Nothing in the policy is changed: gate rules, suites (MMLU medical and K-QA slices), minimum
 questions, confidence and eval.max_rows are those of configs/local.yaml. To keep the test within minutes it
 trains the tiny random model for a few steps; only training length and generation length (neither is part
-of the policy, see Config.policy) are shortened. The passing branch under the same policy is the default
-run on the real model (tests/test_pipeline_local.py).
+of the policy, see Config.policy) are shortened. The default run on the real model
+(tests/test_pipeline_local.py) takes whichever branch the same policy decides and checks that branch.
 """
 
 from __future__ import annotations

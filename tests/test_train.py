@@ -339,3 +339,33 @@ def test_packing_with_padded_batches_is_rejected(tiny_model_dir):
     with pytest.raises(ValueError, match="padding_free"):
         _cfg(tiny_model_dir, padding_free=False, packing=True)
     assert _cfg(tiny_model_dir, padding_free="auto", packing=True).train.packing
+
+
+SAVE_TWICE = textwrap.dedent("""
+    import sys
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from medtune import models
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(sys.argv[1]),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    model.save_pretrained(sys.argv[2] + "/peft")  # PEFT's own save, for comparison
+    models.save_result(model, AutoTokenizer.from_pretrained(sys.argv[1]), sys.argv[2] + "/medtune")
+""")
+
+
+def test_the_same_training_result_is_saved_as_the_same_bytes_in_every_process(tiny_model_dir, tmp_path):
+    from medtune import lineage
+
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", SAVE_TWICE, str(tiny_model_dir), str(tmp_path / seed)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+    peft_configs = [json.loads((tmp_path / s / "peft" / "adapter_config.json").read_text()) for s in ("1", "2")]
+    # PEFT writes target_modules from a set: its order follows the process's hash seed
+    assert peft_configs[0]["target_modules"] != peft_configs[1]["target_modules"]
+    digests = {lineage.tree_digest(lineage.hash_files(tmp_path / s / "medtune")) for s in ("1", "2")}
+    assert len(digests) == 1, "the same weights must hash the same (audit record, medtune.reuse)"
+    config = json.loads((tmp_path / "1" / "medtune" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(peft_configs[0]["target_modules"]) and len(config["target_modules"]) == 14

@@ -8,6 +8,7 @@ cache and loaded from there like any other local model afterwards.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -181,6 +182,22 @@ def load_model(cfg: ModelConfig, train: TrainConfig, quantize: bool = True):
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
+
+
+# adapter_config.json fields PEFT writes from a set, in an order that changes with every process's hash seed
+_UNORDERED = ("target_modules", "modules_to_save", "exclude_modules")
+
+
+def save_result(model, tokenizer, directory: str | Path) -> None:
+    """Save trained weights (adapter or whole model) and the tokenizer, so that the same training writes the
+    same bytes: the result's sha256 in the audit record and medtune.reuse's key then match between runs."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    config = Path(directory) / "adapter_config.json"
+    if config.exists():
+        data = json.loads(config.read_text())
+        data.update({k: sorted(data[k]) for k in _UNORDERED if isinstance(data.get(k), list)})
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_trained(cfg: ModelConfig, train: TrainConfig, trained_dir: str | Path):

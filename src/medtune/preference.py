@@ -280,8 +280,7 @@ def save(model, tokenizer, adapter_dir: Path) -> None:
     drop_reference_adapter(model)
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    models.save_result(model, tokenizer, adapter_dir)
 
 
 def closing_note(summary: dict, decision: dict, comparison: dict) -> list[str]:

@@ -507,8 +507,7 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
     if "best_metric" in metrics:
         metrics["eval_loss"] = metrics["best_metric"]  # the restored checkpoint's, not the last validation's
     adapter_dir = Path(adapter_dir)
-    trainer.model.save_pretrained(adapter_dir)  # safetensors
-    trainer.processing_class.save_pretrained(adapter_dir)
+    models.save_result(trainer.model, trainer.processing_class, adapter_dir)
     if cfg.train.export_merged and cfg.train.method in ADAPTER_METHODS:
         probe = (train_rows["prompt"] + train_rows["completion"]).head(4).tolist()
         metrics["merge_max_abs_diff"] = export_merged(cfg, adapter_dir, adapter_dir / "merged", probe)
