@@ -338,3 +338,14 @@ def test_a_damaged_stored_output_is_computed_again(tmp_path):
     assert third.reused == ["generate:test"]
     # another input is another output
     assert third.get("generate:test", {"prompts": ["q2"]}, lambda: ["other"]) == ["other"]
+
+
+def test_a_base_model_without_hashable_files_reuses_nothing(tiny_model_dir, monkeypatch):
+    from medtune import lineage, reuse
+
+    cfg = _cfg(tiny_model_dir)
+    assert reuse.weights_identity(cfg)["base"] == lineage.base_model_record(cfg)["sha256"]
+    # a Hub id whose snapshot is not on disk: only its name and revision are known, and `main` moves
+    monkeypatch.setattr(lineage, "base_model_record", lambda c: {"id": "org/model", "source": "hub",
+                                                                 "revision": "main", "commit": None, "sha256": None})
+    assert reuse.weights_identity(cfg) == {}

@@ -55,12 +55,15 @@ def _environment() -> dict:
 
 
 def weights_identity(cfg: Config) -> dict:
-    """The base model by content, and how evaluate loads it (4-bit for QLoRA, the training dtype)."""
+    """The base model by content, and how evaluate loads it (4-bit for QLoRA, the training dtype); {} (nothing
+    reused) when its files cannot be hashed: a name or a moving revision such as `main` is no identity."""
     from medtune import lineage
 
     base = lineage.base_model_record(cfg)
-    return {"base": base["sha256"] or f"{base['id']}@{base['commit']}", "method": cfg.train.method,
-            "dtype": cfg.train.dtype, "quantization": cfg.train.quantization.model_dump()}
+    if not base["sha256"]:
+        return {}
+    return {"base": base["sha256"], "method": cfg.train.method, "dtype": cfg.train.dtype,
+            "quantization": cfg.train.quantization.model_dump()}
 
 
 def files_digest(directory: str | Path) -> str:
