@@ -35,7 +35,8 @@ SAME = ("base_model", "data", "splits", "metrics", "gate")
 # Artifact files that differ between any two runs, container or not: Great Expectations' result ids,
 # timings, the report's run ids, and peft's target_modules (a set, saved in hash-seed order).
 VOLATILE = {"validate_data/validation", "validate_data/data_docs", "select/history", "select/trials", "gate/report",
-            "select/adapter/adapter_config.json", "preference/history", "preference/adapter/adapter_config.json"}
+            "select/adapter/adapter_config.json", "finish/history", "finish/trials", "finish/adapter/adapter_config.json",
+            "preference/history", "preference/adapter/adapter_config.json"}
 
 
 def compiled_images() -> set[str]:

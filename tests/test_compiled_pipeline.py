@@ -20,8 +20,8 @@ from medtune import steps
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ROOT / "pipelines" / "medtune.yaml"
 PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
-TASKS = ("open_run", "validate_data", "preprocess", "trials", "train", "select", "preference", "evaluate", "gate",
-         "register", "push", "deploy", "audit", "audit_2")
+TASKS = ("open_run", "validate_data", "preprocess", "trials", "train", "select", "finish", "preference", "evaluate",
+         "gate", "register", "push", "deploy", "audit", "audit_2")
 SPECS = steps.specs()
 
 
@@ -63,7 +63,7 @@ def test_committed_yaml_is_a_fresh_compile(tmp_path):
 
 def test_gpu_request_selector_and_toleration_only_on_gpu_tasks(compiled, cfg):
     cluster = cfg.cluster
-    assert {name for name, spec in SPECS.items() if spec.gpu} == {"train", "preference", "evaluate"}
+    assert {name for name, spec in SPECS.items() if spec.gpu} == {"train", "finish", "preference", "evaluate"}
     for name, t in compiled["tasks"].items():
         resources, k8s = t["container"]["resources"], t["k8s"]
         if spec_of(name).gpu:
@@ -124,8 +124,8 @@ def test_the_hub_write_token_is_a_file_in_the_push_pod_only(compiled, cfg):
         assert t["k8s"]["podMetadata"]["annotations"]["medtune.io/hf-token-path"] == token_path
     assert [n for n, t in compiled["tasks"].items()
             if any(v["secretName"] == cfg.cluster.hf_secret for v in t["k8s"].get("secretAsVolume", []))] == ["push"]
-    assert {name for name, spec in SPECS.items() if spec.hub_token == "read"} == {"validate_data", "preprocess",
-                                                                                  "train", "preference", "evaluate"}
+    assert {name for name, spec in SPECS.items() if spec.hub_token == "read"} == {
+        "validate_data", "preprocess", "train", "finish", "preference", "evaluate"}
 
 
 def test_endpoints_are_pinned_at_compile_time_and_pods_carry_the_mlflow_client_label(compiled, cfg):
@@ -154,7 +154,7 @@ def test_no_secret_value_reaches_the_compiled_yaml(tmp_path, monkeypatch):
 
 def test_retries_and_timeouts_as_the_steps_declare(compiled, cfg):
     assert cfg.cluster.retries == {} and cfg.cluster.timeouts_s == {}, "the profile keeps the steps' defaults"
-    assert {name for name, spec in SPECS.items() if spec.retry} == {"validate_data", "preprocess", "train",
+    assert {name for name, spec in SPECS.items() if spec.retry} == {"validate_data", "preprocess", "train", "finish",
                                                                      "preference", "register", "push", "audit"}
     for task, t in compiled["tasks"].items():
         spec = spec_of(task)
@@ -172,7 +172,7 @@ def test_retries_and_timeouts_as_the_steps_declare(compiled, cfg):
 
 def test_no_task_is_cached(compiled):
     # a cached step would skip its MLflow logging and could reuse the validation of changed data
-    assert len(compiled["tasks"]) == 14
+    assert len(compiled["tasks"]) == len(TASKS) == 15
     assert all(t["task"]["cachingOptions"] == {} for t in compiled["tasks"].values())
 
 
@@ -192,9 +192,10 @@ def test_gate_branches_register_push_and_audit_or_audit_only(compiled):
     # The DAG order: each step consumes the previous one's outputs.
     assert set(root["for-loop-1"]["dependentTasks"]) >= {"preprocess", "trials"}
     assert set(root["select"]["dependentTasks"]) == {"for-loop-1", "open-run"}
-    assert set(root["preference"]["dependentTasks"]) >= {"select", "preprocess"}
-    assert set(root["evaluate"]["dependentTasks"]) >= {"preference", "select", "preprocess"}
-    assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "preference", "select"}
+    assert set(root["finish"]["dependentTasks"]) >= {"select", "preprocess"}
+    assert set(root["preference"]["dependentTasks"]) >= {"finish", "preprocess"}
+    assert set(root["evaluate"]["dependentTasks"]) >= {"preference", "finish", "preprocess"}
+    assert set(root["gate"]["dependentTasks"]) >= {"evaluate", "preference", "finish"}
     assert promoted["push"]["dependentTasks"] == ["register"], "the Hub tag names the registered version"
     assert sorted(promoted["deploy"]["dependentTasks"]) == ["push", "register"], "served once registered and pushed"
     assert sorted(promoted["audit"]["dependentTasks"]) == ["deploy", "push", "register"]
@@ -206,9 +207,9 @@ def test_audit_receives_every_artifact_of_the_run(compiled):
                 if not task.startswith(("condition", "for-loop"))
                 for key in spec["components"][t["componentRef"]["name"]].get("outputDefinitions", {})
                 .get("artifacts", {})}
-    produced -= {("select", "metrics"), ("preference", "metrics"), ("evaluate", "base_metrics"),
+    produced -= {("select", "metrics"), ("finish", "metrics"), ("preference", "metrics"), ("evaluate", "base_metrics"),
                  ("evaluate", "candidate_metrics")}  # in comparison, history and the preference summary, which are
-    # audited; every trial's adapter hash is in select's trials table
+    # audited; every trial's adapter hash is in the trials table
 
     def sources(task: dict) -> set:  # "<producer task>-<output>" for each artifact the task reads
         return {a["componentInputArtifact"].removeprefix("pipelinechannel--") if "componentInputArtifact" in a
@@ -235,16 +236,19 @@ def test_train_fans_out_over_the_trials_and_select_collects_every_trial(compiled
     loop_outputs = spec["components"]["comp-for-loop-1"]["dag"]["outputs"]["artifacts"]
     select = compiled["tasks"]["select"]["task"]["inputs"]["artifacts"]
     select_inputs = spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]
-    for name, output in (("outcomes", "outcome"), ("adapters", "adapter"), ("histories", "history")):
+    for name, output in (("outcomes", "outcome"), ("adapters", "adapter"), ("histories", "history"),
+                         ("checkpoints", "checkpoint")):
         assert loop_outputs[f"pipelinechannel--train-{output}"]["artifactSelectors"] == [
             {"outputArtifactKey": output, "producerSubtask": "train"}]
         assert select[name]["taskOutputArtifact"] == {"outputArtifactKey": f"pipelinechannel--train-{output}",
                                                       "producerTask": "for-loop-1"}
         assert select_inputs[name]["isArtifactList"] is True
-    # only the winner goes on, through the preference step (DPO or a pass-through): evaluate, gate, register and
-    # push read its adapter/history, never train's; evaluate also reads the winner's (SFT-only) adapter
-    for consumer, inputs, producer in (("preference", ["sft_adapter", "sft_history"], "select"),
-                                       ("evaluate", ["sft_adapter"], "select"), ("gate", ["trials"], "select"),
+    # only the winner goes on, through finish (the rest of a screened winner's steps, or a pass-through) and the
+    # preference step (DPO or a pass-through): evaluate, gate, register and push read its adapter/history, never
+    # train's; evaluate also reads the winner's finished (SFT-only) adapter
+    for consumer, inputs, producer in (("finish", ["sft_adapter", "sft_history", "checkpoint", "trials_in"], "select"),
+                                       ("preference", ["sft_adapter", "sft_history"], "finish"),
+                                       ("evaluate", ["sft_adapter"], "finish"), ("gate", ["trials"], "finish"),
                                        ("evaluate", ["adapter"], "preference"), ("gate", ["history"], "preference"),
                                        ("register", ["adapter"], "preference"), ("push", ["adapter"], "preference")):
         artifacts = compiled["tasks"][consumer]["task"]["inputs"]["artifacts"]
@@ -270,8 +274,8 @@ def test_pvcs_model_cache_on_model_tasks_and_data_on_validation(compiled, cfg):
     assert cfg.data.path.startswith(cfg.cluster.data_mount + "/")  # the data PVC holds data.path
     for name, t in compiled["tasks"].items():
         mounts = [(m["constant"], m["mountPath"], m.get("subPath", "")) for m in t["k8s"].get("pvcMount", [])]
-        assert spec_of(name).model_cache == (name in ("preprocess", "train", "preference", "evaluate", "deploy",
-                                                      "audit", "audit_2"))
+        assert spec_of(name).model_cache == (name in ("preprocess", "train", "finish", "preference", "evaluate",
+                                                      "deploy", "audit", "audit_2"))
         model_cache = [("medtune-model-cache", "/models", ""),
                        ("medtune-model-cache", pipeline_mod.HF_CACHE, "huggingface")]
         if name == "preference":  # the base model, and a preference dataset on the data PVC

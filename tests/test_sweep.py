@@ -127,3 +127,29 @@ def test_a_stopped_trial_is_recorded_not_raised_and_all_stopped_ends_the_run(tin
     single["train"]["learning_rate"] = 1.0
     with pytest.raises(trainer_mod.TrainingFault):
         train.run(json.dumps(single), run_id, *args)
+
+
+def test_the_closing_note_and_report_show_where_a_screened_trial_was_measured():
+    from medtune import report
+
+    screened = {"at_step": 10, "of_steps": 20}
+    table = {"metric": "eval_loss", "lower_is_better": True, "winner": 1, "trials": [
+        {**outcome(0, 2.1234, steps=10), "screened": screened, "winner": False},
+        {**outcome(1, 2.0, steps=10), "screened": screened, "winner": True,
+         "finished": {"metrics": {"eval_loss": 1.9, "steps": 20}, "adapter_sha256": "ab"}}]}
+    assert sweep.closing_note(table) == [
+        "trial 0 (learning_rate=1): eval_loss 2.1234 at step 10 of 20",
+        "trial 1 (learning_rate=0.1): eval_loss 2.0000 at step 10 of 20 (winner; finished: eval_loss 1.9000 at "
+        "step 20)"]
+    html = report.trials_section(table)
+    assert html.count("10 of 20") == 2 and "winner; finished: eval_loss 1.9000 at step 20" in html
+    unscreened = {**table, "trials": [{**outcome(0, 2.0), "winner": True}, {**outcome(1, 2.5), "winner": False}]}
+    assert sweep.closing_note(unscreened) == ["trial 0 (learning_rate=1): eval_loss 2.0000 (winner)",
+                                              "trial 1 (learning_rate=0.1): eval_loss 2.5000"]
+
+
+def test_screen_fraction_is_a_fraction():
+    assert load("sweep.screen_fraction=0.25").sweep.screen_fraction == 0.25
+    for bad in ("0", "1.5", "-0.5"):
+        with pytest.raises(config.ConfigError, match="sweep.screen_fraction"):
+            load(f"sweep.screen_fraction={bad}")

@@ -369,3 +369,37 @@ def test_the_same_training_result_is_saved_as_the_same_bytes_in_every_process(ti
     assert len(digests) == 1, "the same weights must hash the same (audit record, medtune.reuse)"
     config = json.loads((tmp_path / "1" / "medtune" / "adapter_config.json").read_text())
     assert config["target_modules"] == sorted(peft_configs[0]["target_modules"]) and len(config["target_modules"]) == 14
+
+
+@pytest.mark.parametrize("eval_steps, screened_evals, finished_evals", [
+    (None, [3], [3, 6]),         # validation at the end of the epoch, as the local profile has it
+    (3, [3], [3, 6]),            # the screen falls on a scheduled validation
+    (2, [2, 3], [2, 3, 4, 6]),   # an extra validation at the screen, between scheduled ones
+])
+def test_a_screened_run_stops_validated_and_resumes_to_the_straight_run(tiny_model_dir, splits, tmp_path, eval_steps,
+                                                                        screened_evals, finished_evals):
+    """Successive halving: a trial stops at its screen with a validation loss and a checkpoint; the winner's
+    resumed run ends with the weights, losses and schedule of a run that trained straight through."""
+    cfg = _cfg(tiny_model_dir, max_steps=6, logging_steps=1, learning_rate=1e-3, eval_steps=eval_steps)
+    train_rows, val_rows = splits["train"], splits["validation"]
+    screened = trainer_mod.train(cfg, train_rows, val_rows, tmp_path / "a1", tmp_path / "w1", tmp_path / "ck1",
+                                 screen_fraction=0.5)
+    assert screened.metrics["steps"] == 3 and screened.metrics["planned_steps"] == 6
+    assert [h["step"] for h in screened.history if "eval_loss" in h] == screened_evals, "once at the screen"
+    assert screened.checkpoint == tmp_path / "ck1" / "checkpoint-3" and trainer_mod.last_checkpoint(tmp_path / "ck1")
+    assert screened.metrics["eval_loss"] == [h["eval_loss"] for h in screened.history if "eval_loss" in h][-1]
+    # the schedule is the full run's: the learning rate at the screen is not yet decayed to zero
+    assert [h for h in screened.history if "loss" in h][-1]["learning_rate"] > 0
+
+    finished = trainer_mod.train(cfg, train_rows, val_rows, tmp_path / "a2", tmp_path / "w2", tmp_path / "ck1")
+    assert finished.checkpoint is None and "planned_steps" not in finished.metrics
+    assert finished.metrics["resumed_from_step"] == 3 and finished.metrics["steps"] == 6
+    assert [h["step"] for h in finished.history if "eval_loss" in h] == finished_evals
+
+    straight = trainer_mod.train(cfg, train_rows, val_rows, tmp_path / "a3", tmp_path / "w3", tmp_path / "ck3")
+    a = load_file(tmp_path / "a2" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "a3" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert finished.metrics["eval_loss"] == pytest.approx(straight.metrics["eval_loss"], rel=1e-5)
+    early = load_file(tmp_path / "a1" / "adapter_model.safetensors")
+    assert max(float((early[k] - b[k]).abs().max()) for k in b) > 1e-4, "the screen saved the weights at step 3"

@@ -614,6 +614,13 @@ class SweepConfig(Strict):
     lower_is_better: bool = True
     parallelism: int = Field(1, ge=1, description="Trials training at once (compiled into the DAG): bounds GPU "
                                                   "use on the cluster; 1 locally, where trials share the CPU.")
+    screen_fraction: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Successive halving: every trial trains this fraction of its steps (on the full run's "
+                    "schedule) and is validated there; only the winner then trains the rest, resuming from its "
+                    "checkpoint, so it ends as it would have trained straight through. 1: every trial trains in "
+                    "full. 0.5 with 3 trials trains 4 runs' halves instead of 6; a short screen favours trials "
+                    "that learn fast over ones that end best.")
 
     @field_validator("grid", "ranges", mode="before")
     @classmethod

@@ -31,7 +31,9 @@ Schema `medtune.lineage/3` (bump the number on any incompatible change; `verify`
   hub        the push step's result (repo, commit, tags) or null when the gate did not pass
   deployment the deploy step's result: {deployed, name, namespace, generation, image, image_digest,
              served_model, ...} or {deployed: false, skipped: why}; null when the gate did not pass
-  trials     every sweep trial (settings, status, metrics, adapter hash), the winner marked
+  trials     every sweep trial (settings, status, metrics, adapter hash), the winner marked; a screened
+             sweep's trials carry `screened` {at_step, of_steps} and the winner `finished` {metrics,
+             adapter_sha256}: the weights evaluated
   logs       {dir, steps {step: path}}: each step's full output as `medtune run` wrote it (steps up to and
              including this one); null on Kubeflow, where each pod's log stays with the KFP run
 """
@@ -161,6 +163,7 @@ def build(cfg: Config, run: dict, artifacts: dict[str, Stored], documents: dict[
         "hub": documents.get("hub"),
         "deployment": documents.get("deployment"),
         # every trial of the sweep: settings, status, metrics, adapter hash; `winner` marks the one evaluated
+        # (after `finish`: with its finished metrics and adapter hash when the sweep screened)
         "trials": documents.get("trials"),
         "logs": step_logs(),
     }

@@ -171,8 +171,8 @@ def summarise(outputs: dict, output_dir: Path, tracking_uri: str) -> dict:
         registered = json.loads(registration.read_text())
         summary["model_version"] = f"{registered['name']}/{registered['version']}"
         summary["registration"] = registered
-    # every trial of the sweep and the winner (select ran in every run: one trial without a sweep)
-    summary["trials"] = json.loads((tasks / "select" / "trials").read_text())
+    # every trial of the sweep and the winner (select and finish ran in every run: one trial without a sweep)
+    summary["trials"] = json.loads((tasks / "finish" / "trials").read_text())
     # the preference stage (DPO after SFT, or a pass-through) and, when it ran, what it added
     from medtune.preference import closing_note
 

@@ -1,10 +1,12 @@
-"""The medtune DAG: validate -> preprocess -> train (one task per sweep trial) -> select -> preference -> evaluate
--> gate -> register -> push -> deploy -> audit.
+"""The medtune DAG: validate -> preprocess -> train (one task per sweep trial) -> select -> finish -> preference ->
+evaluate -> gate -> register -> push -> deploy -> audit.
 
 Training always fans out over the sweep's trials (`dsl.ParallelFor`, at most `sweep.parallelism` at once); a
 config without a sweep has one trial, so the plain pipeline is a sweep of size 1. `select` collects every
-trial (`dsl.Collected`) and only the winner's adapter and history go on, to `preference`: DPO after SFT when
-the run's config enables it, otherwise a pass-through, so the DAG has one shape whatever the run asks.
+trial (`dsl.Collected`) and only the winner goes on: to `finish`, which trains the rest of its steps when the
+sweep screened its trials on part of them (`sweep.screen_fraction`, successive halving), then to `preference`:
+DPO after SFT when the run's config enables it. Each is a pass-through otherwise, so the DAG has one shape
+whatever the run asks.
 
 The gate decides the branch: a passing run is registered, pushed, deployed (KServe), then audited; a failing
 one is audited only. Either way the run ends with its audit record (lineage.json).
@@ -23,8 +25,8 @@ from kfp.dsl import HTML, Artifact, Model
 
 from medtune import config as config_mod
 from medtune import images, pins, steps
-from medtune.steps import (audit, deploy, evaluate, gate, open_run, preference, preprocess, push,  # noqa: F401
-                           register, select, train, trials, validate_data)
+from medtune.steps import (audit, deploy, evaluate, finish, gate, open_run, preference, preprocess,  # noqa: F401
+                           push, register, select, train, trials, validate_data)
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: profiles under configs/, the IR under pipelines/
 CLUSTER_PROFILE = ROOT / "configs" / "qwen2.5-0.5b-qlora.yaml"
@@ -65,21 +67,26 @@ def build(profile: config_mod.Profile):
                                       validation_split=splits.outputs["validation_split"])
         best = select.component(config=config, run_id=run_id, outcomes=dsl.Collected(trained.outputs["outcome"]),
                                 adapters=dsl.Collected(trained.outputs["adapter"]),
-                                histories=dsl.Collected(trained.outputs["history"]))
-        preferred = preference.component(config=config, run_id=run_id, sft_adapter=best.outputs["adapter"],
-                                         sft_history=best.outputs["history"],
+                                histories=dsl.Collected(trained.outputs["history"]),
+                                checkpoints=dsl.Collected(trained.outputs["checkpoint"]))
+        finished = finish.component(config=config, run_id=run_id, sft_adapter=best.outputs["adapter"],
+                                    sft_history=best.outputs["history"], checkpoint=best.outputs["checkpoint"],
+                                    trials_in=best.outputs["trials"], train_split=splits.outputs["train_split"],
+                                    validation_split=splits.outputs["validation_split"])
+        preferred = preference.component(config=config, run_id=run_id, sft_adapter=finished.outputs["adapter"],
+                                         sft_history=finished.outputs["history"],
                                          train_split=splits.outputs["train_split"],
                                          validation_split=splits.outputs["validation_split"],
                                          test_split=splits.outputs["test_split"])
         adapter = preferred.outputs["adapter"]  # what is evaluated, gated, registered, pushed and served
         scored = evaluate.component(config=config, run_id=run_id, test_split=splits.outputs["test_split"],
                                     validation_split=splits.outputs["validation_split"], adapter=adapter,
-                                    sft_adapter=best.outputs["adapter"])
+                                    sft_adapter=finished.outputs["adapter"])
         verdict = gate.component(config=config, run_id=run_id, comparison=scored.outputs["comparison"],
                                  history=preferred.outputs["history"], predictions=scored.outputs["predictions"],
-                                 trials=best.outputs["trials"],
+                                 trials=finished.outputs["trials"],
                                  policy_sha256=profile.policy_digest())  # a constant: run parameters cannot move it
-        done = [data, splits, best, preferred, scored, verdict]  # the audit record hashes every artifact they wrote
+        done = [data, splits, best, finished, preferred, scored, verdict]  # the audit record hashes every artifact they wrote
         with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712 (KFP builds a condition from ==)
             registered = register.component(config=config, run_id=run_id, adapter=adapter,
                                             decision=verdict.outputs["decision"])

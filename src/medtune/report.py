@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from medtune import metric_catalog as catalog  # noqa: E402
+from medtune import sweep  # noqa: E402
 from medtune.metric_catalog import MODELS  # noqa: E402
 from medtune.numeric import finite  # noqa: E402
 # The per-question score the breakdown and the gained/lost lists use.
@@ -243,6 +244,11 @@ def suite_sections(comparison: dict) -> str:
     return "".join(parts) or "<p>No evaluation suites in the profile (eval.suites).</p>"
 
 
+def _trial_steps(trial: dict) -> str:
+    screened = trial.get("screened")
+    return f"{screened['at_step']} of {screened['of_steps']}" if screened else str(trial["metrics"].get("steps", ""))
+
+
 def trials_section(trials: dict | None) -> str:
     """The sweep's trials (settings, status, selection metric, the winner marked) and a scatter plot of each
     setting against the metric; nothing for a run of one trial."""
@@ -250,8 +256,8 @@ def trials_section(trials: dict | None) -> str:
         return ""
     metric = trials["metric"]
     rows = [[t["index"], ", ".join(f"{k}={v}" for k, v in t["trial"].items()), t["status"],
-             fmt(t["metrics"].get(metric)), t["metrics"].get("steps", ""), t.get("reason", ""),
-             "winner" if t["winner"] else ""] for t in trials["trials"]]
+             fmt(t["metrics"].get(metric)), _trial_steps(t), t.get("reason", ""),
+             "winner" + sweep.finished(t, metric) if t["winner"] else ""] for t in trials["trials"]]
     settings = sorted({k for t in trials["trials"] for k in t["trial"]})
     fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.2), squeeze=False)
     for ax, key in zip(axes[0], settings):

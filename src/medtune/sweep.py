@@ -73,8 +73,15 @@ def select(outcomes: list[dict], metric: str, lower_is_better: bool = True) -> d
 
 
 def closing_note(table: dict) -> list[str]:
-    """One line per trial for `medtune run`'s closing note: settings, status or metric, the winner marked."""
+    """One line per trial for `medtune run`'s closing note: settings, status or metric (and where a screened
+    trial was measured), the winner marked with its finished metric."""
     metric = table["metric"]
     return [f"trial {t['index']} ({label(t['trial'])}): "
             + (f"{metric} {t['metrics'][metric]:.4f}" if metric in t["metrics"] else f"{t['status']}: {t['reason']}")
-            + (" (winner)" if t["winner"] else "") for t in table["trials"]]
+            + (f" at step {t['screened']['at_step']} of {t['screened']['of_steps']}" if t.get("screened") else "")
+            + (f" (winner{finished(t, metric)})" if t["winner"] else "") for t in table["trials"]]
+
+
+def finished(trial: dict, metric: str) -> str:
+    done = (trial.get("finished") or {}).get("metrics", {})
+    return f"; finished: {metric} {done[metric]:.4f} at step {done['steps']}" if metric in done else ""

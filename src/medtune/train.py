@@ -52,6 +52,7 @@ class Trained:
     adapter_dir: Path
     metrics: dict
     history: list[dict]
+    checkpoint: Path | None = None  # set when the run stopped at its screen: resume from here to finish it
 
 
 class TrainingFault(RuntimeError):
@@ -397,6 +398,51 @@ def out_of_memory(cfg: Config, exc: BaseException) -> TrainingFault:
                          f"{str(exc)[:200]}). " + "; or ".join(hints) + ".")
 
 
+class ScreenStop(TrainerCallback):
+    """Successive halving's screen: stop after `fraction` of the planned steps, validated and checkpointed.
+
+    The schedule stays the full run's (warm-up and decay over all planned steps), so resuming the checkpoint
+    trains exactly the steps an uninterrupted run would have: the winner of a screened sweep ends with the
+    weights it would have had if it had trained straight through. A validation the straight run would not have
+    made there draws a seed from the RNG (each DataLoader does), which would change every dropout mask after it,
+    so the RNG is put back as it was before that validation, and the checkpoint saves it so."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+        self.step: int | None = None
+        self.stopped_at: int | None = None
+        self._rng = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = max(1, math.ceil(self.fraction * state.max_steps))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step != self.step or self.step >= state.max_steps:
+            return
+        control.should_save = True
+        control.should_training_stop = True
+        self.stopped_at = state.global_step
+        if args.eval_strategy == "no":
+            return
+        scheduled = args.eval_strategy == "steps" and state.eval_steps and state.global_step % state.eval_steps == 0
+        if not scheduled:
+            self._rng = (torch.random.get_rng_state(),
+                         torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        control.should_evaluate = True  # the selection metric at the screen (before the checkpoint is saved)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._rng is not None:
+            cpu, cuda = self._rng
+            torch.random.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            self._rng = None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # validated at the screen already: not again at the epoch's end
+            control.should_evaluate = False
+
+
 class SigtermCheckpoint(TrainerCallback):
     """On SIGTERM (a preempted node): finish the current step, save a checkpoint, stop."""
 
@@ -465,16 +511,21 @@ def keep_float32_adapters(cfg: Config, model) -> None:
 
 
 def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter_dir: Path, work_dir: Path,
-          checkpoint_dir: Path | None = None) -> Trained:
+          checkpoint_dir: Path | None = None, screen_fraction: float = 1.0) -> Trained:
     """Train and save to `adapter_dir` (adapter for lora/qlora, the whole model for full).
 
     `checkpoint_dir` holds resumable checkpoints; a rerun with the same folder continues from the last one.
+    `screen_fraction` < 1 stops after that fraction of the planned steps (a sweep's screen, see ScreenStop): the
+    result's `checkpoint` then resumes the run to its end on the same schedule.
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else Path(work_dir) / "checkpoints"
     trainer = build_trainer(cfg, train_rows, val_rows, checkpoint_dir)
     sigterm = SigtermCheckpoint()
     trainer.add_callback(sigterm)
     trainer.add_callback(ProgressEvents())
+    screen = ScreenStop(screen_fraction) if screen_fraction < 1 else None
+    if screen:
+        trainer.add_callback(screen)
     stopper = early_stopper(cfg.train.early_stopping) if cfg.train.early_stopping and not val_rows.empty else None
     if stopper:
         trainer.add_callback(stopper)
@@ -506,12 +557,16 @@ def train(cfg: Config, train_rows: pd.DataFrame, val_rows: pd.DataFrame, adapter
     metrics.update(best_checkpoint_metrics(trainer, stopper))
     if "best_metric" in metrics:
         metrics["eval_loss"] = metrics["best_metric"]  # the restored checkpoint's, not the last validation's
+    stopped_at = screen.stopped_at if screen else None
+    if stopped_at is not None:
+        metrics["planned_steps"] = int(trainer.state.max_steps)
     adapter_dir = Path(adapter_dir)
     models.save_result(trainer.model, trainer.processing_class, adapter_dir)
-    if cfg.train.export_merged and cfg.train.method in ADAPTER_METHODS:
+    if cfg.train.export_merged and cfg.train.method in ADAPTER_METHODS and stopped_at is None:
         probe = (train_rows["prompt"] + train_rows["completion"]).head(4).tolist()
         metrics["merge_max_abs_diff"] = export_merged(cfg, adapter_dir, adapter_dir / "merged", probe)
-    return Trained(adapter_dir=adapter_dir, metrics=metrics, history=history)
+    return Trained(adapter_dir=adapter_dir, metrics=metrics, history=history,
+                   checkpoint=checkpoint_dir / f"checkpoint-{stopped_at}" if stopped_at is not None else None)
 
 
 def export_merged(cfg: Config, adapter_dir: Path, out_dir: Path, texts: list[str]) -> float:

@@ -29,8 +29,8 @@ from medtune.config import RetryPolicy
 quiet.library_noise_off()  # steps run in their own processes: this is where their output starts
 
 # The step modules in DAG order (the order of the README's table).
-STEP_MODULES = ("open_run", "validate_data", "preprocess", "trials", "train", "select", "preference", "evaluate",
-                "gate", "register", "push", "deploy", "audit")
+STEP_MODULES = ("open_run", "validate_data", "preprocess", "trials", "train", "select", "finish", "preference",
+                "evaluate", "gate", "register", "push", "deploy", "audit")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Step `train`: fine-tune with TRL's SFTTrainer (LoRA, QLoRA or the full model; loss on the answer only)."""
 
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,27 +18,37 @@ PER_STEP = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "
 
 
 def run(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str,
-        work_dir: str, trial: dict | None = None, outcome_path: str | None = None) -> dict:
+        work_dir: str, trial: dict | None = None, outcome_path: str | None = None,
+        checkpoint_out: str | None = None) -> dict:
     """Train one trial of the sweep (`trial`: {"index", "overrides"}; none: the config as it is) and write
     its outcome (status, reason, metrics, adapter hash) for `select`. In a sweep of several trials a failed
-    or stopped trial is recorded, not raised: one bad learning rate must not end its siblings' loop."""
+    or stopped trial is recorded, not raised: one bad learning rate must not end its siblings' loop. With
+    `sweep.screen_fraction` < 1 a trial of several stops at its screen and leaves the checkpoint the winner
+    resumes from (`checkpoint_out`; empty otherwise)."""
     import mlflow
 
-    from medtune import sweep, tracking
+    from medtune import sweep
 
     base = config_mod.from_json(config_json)
     # kfp.local passes the loop item's numbers as floats (index 1.0, lora.r 8.0); pydantic takes whole floats
     trial = {"index": int(trial["index"]), "overrides": trial["overrides"]} if trial else {"index": 0, "overrides": {}}
-    cfg = config_mod.from_dict(sweep.apply(json.loads(config_json), trial["overrides"]),
-                               origin=f"sweep trial {trial['index']}", model=config_mod.Config)
+    cfg = trial_config(config_json, trial)
     several = len(base.trials()) > 1
+    screen = base.sweep.screen_fraction if several else 1.0
     outcome = {"index": trial["index"], "trial": trial["overrides"], "lora_r": cfg.train.lora.r,
                "status": sweep.OK, "reason": "", "metrics": {}}
     name = f"{SPEC.name} trial {trial['index']}" if several else SPEC.name
+    if checkpoint_out:
+        Path(checkpoint_out).mkdir(parents=True, exist_ok=True)
     with tracking_step(cfg, run_id, name, trial):
         try:
-            outcome["metrics"] = _train(cfg, run_id, train_dir, val_dir, adapter_dir, history_path, work_dir)
-            outcome["adapter_sha256"] = _tree_sha256(Path(adapter_dir))
+            result = fit(cfg, run_id, train_dir, val_dir, adapter_dir, history_path, work_dir, screen_fraction=screen)
+            outcome["metrics"] = result.metrics
+            outcome["adapter_sha256"] = tree_sha256(Path(adapter_dir))
+            if result.checkpoint is not None:
+                outcome["screened"] = {"at_step": result.metrics["steps"], "of_steps": result.metrics["planned_steps"]}
+                if checkpoint_out:
+                    shutil.copytree(result.checkpoint, Path(checkpoint_out) / result.checkpoint.name)
         except Exception as exc:
             from medtune import tags
             from medtune.train import Preempted, TrainingFault
@@ -49,11 +60,23 @@ def run(config_json: str, run_id: str, train_dir: str, val_dir: str, adapter_dir
             Path(adapter_dir).mkdir(parents=True, exist_ok=True)
             Path(history_path).write_text("[]")
             mlflow.set_tags({tags.TRIAL_STATUS: outcome["status"], tags.TRIAL_REASON: outcome["reason"][:500]})
+    if checkpoint_out:  # never an empty folder: an object store has no empty "directories" to hand on
+        (Path(checkpoint_out) / "screen.json").write_text(json.dumps({"screened": outcome.get("screened")}))
     if outcome_path:
         Path(outcome_path).write_text(json.dumps(outcome, indent=1))
-    if not several:  # a sweep's winner is logged on the parent by `select`
+    if not several:  # a sweep's winner is logged on the parent by `select` (and `finish`)
+        from medtune import tracking
+
         tracking.log_parent_metrics(run_id, outcome["metrics"], "train.")
     return outcome
+
+
+def trial_config(config_json: str, trial: dict) -> config_mod.Config:
+    """The run's config with one trial's train.* overrides applied."""
+    from medtune import sweep
+
+    return config_mod.from_dict(sweep.apply(json.loads(config_json), trial["overrides"]),
+                                origin=f"sweep trial {trial['index']}", model=config_mod.Config)
 
 
 @contextmanager
@@ -70,37 +93,40 @@ def tracking_step(cfg, run_id: str, name: str, trial: dict):
         yield child
 
 
-def _tree_sha256(directory: Path) -> str:
+def tree_sha256(directory: Path) -> str:
     from medtune.lineage import hash_files, tree_digest
 
     return tree_digest(hash_files(directory))
 
 
-def _train(cfg, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str,
-           work_dir: str) -> dict:
+def fit(cfg, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str, work_dir: str,
+        checkpoints: Path | None = None, screen_fraction: float = 1.0, logged_before: int = 0):
+    """Train (or resume the last checkpoint in `checkpoints`), write the history, log curve, metrics and weights
+    to the active MLflow run; the curve from after step `logged_before` (earlier steps are on another run)."""
     import mlflow
 
     from medtune import rows
     from medtune import train as trainer
 
     # A retried step of the same run and config finds its checkpoints there (a PVC on the cluster) and resumes.
-    checkpoints = (Path(cfg.train.checkpoint_dir).expanduser() / trainer.checkpoint_key(cfg, run_id)
-                   if cfg.train.checkpoint_dir else None)
+    if checkpoints is None and cfg.train.checkpoint_dir:
+        checkpoints = Path(cfg.train.checkpoint_dir).expanduser() / trainer.checkpoint_key(cfg, run_id)
     result = trainer.train(cfg, rows.read(Path(train_dir)), rows.read(Path(val_dir)), Path(adapter_dir),
-                           Path(work_dir), checkpoints)
+                           Path(work_dir), checkpoints, screen_fraction=screen_fraction)
     Path(history_path).write_text(json.dumps(result.history, indent=1))
     for entry in result.history:
         for key in PER_STEP:
-            if key in entry:
+            if key in entry and entry["step"] > logged_before:
                 mlflow.log_metric(key, entry[key], step=entry["step"])
     mlflow.log_metrics(result.metrics)
     mlflow.log_artifacts(adapter_dir, "adapter")
-    return result.metrics
+    return result
 
 
 @kfp_component(SPEC)
 def train(config: str, trial: dict, train_split: Input[Dataset], validation_split: Input[Dataset],
-          adapter: Output[Model], history: Output[Artifact], outcome: Output[Artifact], metrics: Output[Metrics]):
+          adapter: Output[Model], history: Output[Artifact], outcome: Output[Artifact], checkpoint: Output[Artifact],
+          metrics: Output[Metrics]):
     """Fine-tune with TRL's SFTTrainer (loss on the answer only).
 
     A retry of the same run resumes from the last checkpoint when train.checkpoint_dir is set.
@@ -113,6 +139,7 @@ def train(config: str, trial: dict, train_split: Input[Dataset], validation_spli
         adapter: The trained weights: a LoRA adapter (lora/qlora) or the full model (method full).
         history: Loss, learning rate and throughput per logged step.
         outcome: The trial's status (ok, stopped, failed), reason, metrics and adapter hash, for `select`.
+        checkpoint: A screened trial's resumable checkpoint (sweep.screen_fraction < 1); empty otherwise.
         metrics: The run's final training metrics.
     """
     import tempfile
@@ -120,7 +147,8 @@ def train(config: str, trial: dict, train_split: Input[Dataset], validation_spli
     from medtune.steps import train as step
 
     result = step.run(config, trial["run_id"], train_split.path, validation_split.path, adapter.path, history.path,
-                      work_dir=tempfile.mkdtemp(prefix="medtune-train-"), trial=trial, outcome_path=outcome.path)
+                      work_dir=tempfile.mkdtemp(prefix="medtune-train-"), trial=trial, outcome_path=outcome.path,
+                      checkpoint_out=checkpoint.path)
     outcome.metadata.update(status=result["status"], index=result["index"])
     for key, value in result["metrics"].items():
         metrics.log_metric(key, value)
