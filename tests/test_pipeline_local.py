@@ -3,9 +3,11 @@
 One `medtune run` subprocess (the same entry point users call) with the SHIPPED profile, configs/local.yaml:
 the real SmolLM2 model, the shipped MedQuAD slice, the shipped suites and the shipped gate policy. Only the
 registered model's name and the data path (absolute, as the run happens in a temporary directory) are set.
-The run takes whichever branch the shipped policy decides, and the tests check that branch: registered,
-pushed (skipped: no Hub repo) and audited when it passed; audited with its reasons, nothing registered, when
-it failed. tests/test_gate_dag.py is a run that must fail (harmful data).
+The default recipe earns its pass under the shipped policy (significantly better than base on its own split,
+not significantly worse on MMLU medical and K-QA): the run takes the passing branch, registered, pushed
+(skipped: no Hub repo) and audited. Training is deterministic on a machine (same data order, seed and
+threads), so this is the same decision every time here. tests/test_gate_dag.py is a run that must fail
+(harmful data); the tests below that look at the record also hold for a failing run.
 """
 
 from __future__ import annotations
@@ -85,14 +87,14 @@ def test_splits_are_disjoint_and_fingerprinted(run):
 
 
 def test_training_loss_is_finite_and_falls(run):
-    history = json.loads(_artifact(run, "select", "history").read_text())  # the winning trial's
+    history = json.loads(_artifact(run, "finish", "history").read_text())  # the winning trial's, finished
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == max(h["step"] for h in history) // SHIPPED.train.logging_steps
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     adapter = Path(run["adapter"])
     assert (adapter / "adapter_model.safetensors").stat().st_size > 100_000
-    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == SHIPPED.train.lora.r
 
 
 def test_metrics_in_range_for_base_and_candidate(run):
@@ -120,16 +122,14 @@ def test_gate_decision_follows_its_rules(run):
     assert "report" in run and Path(run["report"]).read_text().count("<img") >= 2
 
 
-def test_the_branch_taken_is_the_shipped_policys_decision(run):
+def test_the_default_run_passes_the_shipped_policy_and_is_registered(run):
     decision = json.loads(Path(run["decision"]).read_text())
     assert decision["policy_sha256"] == SHIPPED.policy_digest()
     # beat base on its own split, and not significantly worse than base on every shipped suite
     sets = {c["suite"] for c in decision["checks"] if c["check"] in ("significant", "non_inferior")}
     assert sets == {"test", *(s.name for s in SHIPPED.eval.suites)}
-    if not run["gate"]["passed"]:
-        assert run["model_version"] is None and not list(Path(run["output_dir"]).glob("artifacts/*/register"))
-        assert decision["summary"].startswith("failed: ")
-        return
+    assert run["gate"]["passed"] is True, decision["summary"]
+    assert all(c["passed"] for c in decision["checks"] if c["verdict"] != "N/A")
     name, version = run["model_version"].split("/")
     assert name == OVERRIDES["tracking.registered_model"]
     registration = json.loads(_artifact(run, "register", "registration").read_text())
@@ -170,7 +170,9 @@ def test_the_audit_step_writes_one_record_linked_from_mlflow(run):
     assert base["source"] == "pypi_gguf" and len(base["sha256"]) == 64, "a converted model: by its content"
     adapter = record["artifacts"]["preference/adapter"]  # what evaluate read: the winning trial's, passed on
     assert adapter["uri"] == run["adapter"] and "adapter_model.safetensors" in adapter["files"]
-    assert adapter["files"] == record["artifacts"]["select/adapter"]["files"]  # preference.enabled is false
+    # one trial (no screen) and preference.enabled false: finish and preference pass the trial's adapter on
+    assert adapter["files"] == record["artifacts"]["finish/adapter"]["files"] == \
+        record["artifacts"]["select/adapter"]["files"]
     assert record["preference"]["enabled"] is False
     assert set(record["artifacts"]) >= {"validate_data/quarantine", "preprocess/test_split", "gate/report"}
     assert ({"register/registration", "push/hub_push"} <= set(record["artifacts"])) == run["gate"]["passed"]
