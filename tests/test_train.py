@@ -403,3 +403,12 @@ def test_a_screened_run_stops_validated_and_resumes_to_the_straight_run(tiny_mod
     assert finished.metrics["eval_loss"] == pytest.approx(straight.metrics["eval_loss"], rel=1e-5)
     early = load_file(tmp_path / "a1" / "adapter_model.safetensors")
     assert max(float((early[k] - b[k]).abs().max()) for k in b) > 1e-4, "the screen saved the weights at step 3"
+
+
+def test_kept_checkpoints_are_per_run_and_config_under_checkpoint_dir(tiny_model_dir, tmp_path):
+    """Where a retried train or finish step finds the checkpoints to resume (a PVC on the cluster)."""
+    from medtune.steps import train as train_step
+
+    assert train_step.kept_checkpoints(_cfg(tiny_model_dir), "r1") is None  # a temporary folder of the step's own
+    cfg = _cfg(tiny_model_dir, checkpoint_dir=str(tmp_path))
+    assert train_step.kept_checkpoints(cfg, "r1") == tmp_path / trainer_mod.checkpoint_key(cfg, "r1")

@@ -86,7 +86,7 @@ def build(profile: config_mod.Profile):
                                  history=preferred.outputs["history"], predictions=scored.outputs["predictions"],
                                  trials=finished.outputs["trials"],
                                  policy_sha256=profile.policy_digest())  # a constant: run parameters cannot move it
-        done = [data, splits, best, finished, preferred, scored, verdict]  # the audit record hashes every artifact they wrote
+        done = [data, splits, best, finished, preferred, scored, verdict]  # the audit hashes all they wrote
         with dsl.If(verdict.outputs["Output"] == True):  # noqa: E712 (KFP builds a condition from ==)
             registered = register.component(config=config, run_id=run_id, adapter=adapter,
                                             decision=verdict.outputs["decision"])

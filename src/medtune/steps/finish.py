@@ -41,11 +41,8 @@ def run(config_json: str, run_id: str, sft_dir: str, sft_history_path: str, chec
         return table
     trial = {"index": winner["index"], "overrides": winner["trial"]}
     cfg = train.trial_config(config_json, trial)
-    checkpoints = Path(work_dir) / "checkpoints"
-    if cfg.train.checkpoint_dir:  # the trial's own folder: a retried step resumes from its latest checkpoint
-        from medtune import train as trainer
-
-        checkpoints = Path(cfg.train.checkpoint_dir).expanduser() / trainer.checkpoint_key(cfg, run_id)
+    # the trial's own kept folder, if any: a retried step resumes from its latest checkpoint
+    checkpoints = train.kept_checkpoints(cfg, run_id) or Path(work_dir) / "checkpoints"
     shutil.copytree(checkpoint_dir, checkpoints, dirs_exist_ok=True)
     with train.tracking_step(cfg, run_id, f"{SPEC.name} trial {trial['index']}", trial):
         # the screen's steps are on the trial's own run (`train trial N`); this run has the rest of the curve

@@ -99,6 +99,16 @@ def tree_sha256(directory: Path) -> str:
     return tree_digest(hash_files(directory))
 
 
+def kept_checkpoints(cfg, run_id: str) -> Path | None:
+    """Where this run's checkpoints are kept (train.checkpoint_dir, a PVC on the cluster): a retried step of the
+    same run and config finds them there and resumes. None: a temporary folder of the step's own."""
+    from medtune import train as trainer
+
+    if not cfg.train.checkpoint_dir:
+        return None
+    return Path(cfg.train.checkpoint_dir).expanduser() / trainer.checkpoint_key(cfg, run_id)
+
+
 def fit(cfg, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, history_path: str, work_dir: str,
         checkpoints: Path | None = None, screen_fraction: float = 1.0, logged_before: int = 0):
     """Train (or resume the last checkpoint in `checkpoints`), write the history, log curve, metrics and weights
@@ -108,9 +118,7 @@ def fit(cfg, run_id: str, train_dir: str, val_dir: str, adapter_dir: str, histor
     from medtune import rows
     from medtune import train as trainer
 
-    # A retried step of the same run and config finds its checkpoints there (a PVC on the cluster) and resumes.
-    if checkpoints is None and cfg.train.checkpoint_dir:
-        checkpoints = Path(cfg.train.checkpoint_dir).expanduser() / trainer.checkpoint_key(cfg, run_id)
+    checkpoints = checkpoints or kept_checkpoints(cfg, run_id)
     result = trainer.train(cfg, rows.read(Path(train_dir)), rows.read(Path(val_dir)), Path(adapter_dir),
                            Path(work_dir), checkpoints, screen_fraction=screen_fraction)
     Path(history_path).write_text(json.dumps(result.history, indent=1))
