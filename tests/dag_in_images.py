@@ -5,8 +5,8 @@ $DOCKER_HOST), and check that both reach the same gate decision and the same aud
 Run by scripts/test-images after it built the image; not a pytest module (it needs a container engine).
     python tests/dag_in_images.py WORKDIR
 
-Each run has its own working directory, so its own local MLflow server: a champion registered by the first
-run must not change what the second one compares against. The containers share the host's network (the
+Each run has its own working directory, so its own local MLflow server and score store: a champion registered
+by the first run must not change what the second one compares against, nor answers it kept be reused. The containers share the host's network (the
 MLflow server listens on loopback) and see the tiny model and the data read-only at the same paths.
 """
 
@@ -52,6 +52,9 @@ def run(kind: str, workdir: Path, cfg: config_mod.Config, runner=None) -> dict:
         folder.mkdir()
         folder.chmod(0o777)
     os.chdir(workdir)
+    # A fresh score store: answers kept by an earlier run on this machine (medtune.reuse) would be marked as
+    # reused in comparison.json, and the containers start with an empty one.
+    os.environ["MEDTUNE_SCORE_CACHE"] = str(workdir / "scores")
     started = time.time()
     summary = local_run.run(cfg, out, f"images-{kind}", Console(stderr=True), runner=runner)
     summary["seconds"] = time.time() - started
