@@ -6,8 +6,9 @@ Run by scripts/test-images after it built the image; not a pytest module (it nee
     python tests/dag_in_images.py WORKDIR
 
 Each run has its own working directory, so its own local MLflow server and score store: a champion registered
-by the first run must not change what the second one compares against, nor answers it kept be reused. The containers share the host's network (the
-MLflow server listens on loopback) and see the tiny model and the data read-only at the same paths.
+by the first run must not change what the second one compares against, nor answers it kept be reused. The
+containers share the host's network (the MLflow server listens on loopback) and see the tiny model and the data
+read-only at the same paths.
 """
 
 from __future__ import annotations

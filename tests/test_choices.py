@@ -58,7 +58,8 @@ def _hand_loglik(model, tokenizer, prompt: str, continuation: str) -> float:
     return float(sum(logprobs[len(p) + i - 1, tok] for i, tok in enumerate(c)))
 
 
-def test_likelihood_matches_hand_computed_log_probabilities(tiny_model_dir):
+@pytest.mark.parametrize("batch_size", [1, 2, 3])  # 2: the five continuations run in three length groups
+def test_likelihood_matches_hand_computed_log_probabilities(tiny_model_dir, batch_size):
     cfg = config_mod.ModelConfig(id=str(tiny_model_dir), source="path")
     tokenizer = models.load_tokenizer(cfg, padding_side="left")
     model = models.load_model(cfg, config_mod.TrainConfig(dtype="float32"))
@@ -67,7 +68,7 @@ def test_likelihood_matches_hand_computed_log_probabilities(tiny_model_dir):
             ("Which helps a cold? A. rest and fluids B. antibiotics", "A", None)]
     resolved = [choices.resolve(q, a, None, labels) for q, a, labels in rows]
     prompts = [choices.render(tokenizer, system, q) for q, _, _ in rows]
-    got = choices.loglikelihoods(model, tokenizer, prompts, resolved, batch_size=3)  # pads across rows
+    got = choices.loglikelihoods(model, tokenizer, prompts, resolved, batch_size=batch_size)  # pads across rows
     for prompt, c, ll in zip(prompts, resolved, got):
         expected = [_hand_loglik(model, tokenizer, prompt, text) for text in c.texts]
         np.testing.assert_allclose(ll, expected, rtol=1e-4, atol=1e-4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -22,8 +24,21 @@ def test_auto_dtype_is_bf16_only_where_native():
     assert models.resolve_dtype("float16") == torch.float16
     if torch.cuda.is_available():
         return
-    # On CPU, "native" is oneDNN's bf16 path (AVX512-BF16/AMX); an AVX2-only CPU gets float32.
-    assert models.native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if platform.machine() == "x86_64":  # native: AVX512-BF16 or AMX in the CPU's flags
+        assert models.native_bf16() == bool(models.cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize("flags, native", [
+    ({"avx2", "fma"}, False),
+    ({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}, False),  # oneDNN says yes, but emulates: slower
+    ({"avx512f", "avx512_bf16"}, True),
+    ({"avx512f", "amx_tile", "amx_bf16"}, True),
+])
+def test_auto_takes_bf16_on_x86_only_where_the_cpu_computes_it(monkeypatch, flags, native):
+    monkeypatch.setattr(models.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags)
+    assert models.native_bf16(torch.device("cpu")) is native
+    assert models.resolve_dtype("auto") == (torch.bfloat16 if native else torch.float32)
 
 
 def test_lora_loads_in_the_resolved_dtype(tiny_model_dir):

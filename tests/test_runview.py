@@ -43,6 +43,17 @@ def test_lines_go_to_the_log_of_the_step_that_printed_them(tmp_path):
     assert len(done) == 1 and "step 8/32" in done[0] and "loss 2.500" in done[0] and "301 tok/s" in done[0]
 
 
+def test_a_task_run_again_shows_only_its_own_figures(tmp_path):
+    # kfp.local runs a sweep's trials one after another under one task name
+    view, screen = _view(tmp_path)
+    with view:
+        _kfp(view, "train", [runview.EVENT_PREFIX + json.dumps({"step": 10, "max_steps": 20, "eval_loss": 2.218})])
+        _kfp(view, "train", [runview.EVENT_PREFIX + json.dumps({"step": 4, "max_steps": 20, "loss": 2.353})])
+    done = [line for line in screen.getvalue().splitlines() if " train " in line and "done" in line]
+    assert len(done) == 2 and "val loss 2.218" in done[0]
+    assert "step 4/20" in done[1] and "loss 2.353" in done[1] and "val loss" not in done[1]
+
+
 def test_steps_that_never_ran_are_shown_skipped_by_the_gate(tmp_path):
     view, screen = _view(tmp_path)
     with view:

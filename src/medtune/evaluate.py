@@ -65,7 +65,8 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
 
 @torch.inference_mode()
 def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 4,
-               max_tokens: int | None = None, eos: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               max_tokens: int | None = None, eos: bool = True, desc: str = "perplexity"
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Per row: summed negative log-likelihood of the answer tokens (+ EOS) given the prompt, and their count.
 
     Tokenised as training sees it: prompt and completion separately, then joined; padding on the right.
@@ -73,7 +74,7 @@ def answer_nll(model, tokenizer, prompts: list[str], answers: list[str], batch_s
     """
     model.eval()
     nll, counts = np.zeros(len(prompts)), np.zeros(len(prompts), dtype=np.int64)
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         ids, labels = [], []
         for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
             p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
@@ -271,8 +272,8 @@ def answer_set(cfg: Config, spec: ScoredSet, model, tokenizer, name: str, prompt
         texts = [c.texts for c in spec.choices]
         ll = [np.asarray(row) for row in outputs.get(
             f"loglikelihoods:{spec.name}", {"prompts": prompts, "choices": texts, "batch_size": batch},
-            lambda: [row.tolist() for row in choice_mod.loglikelihoods(model, tokenizer, prompts, spec.choices,
-                                                                       batch_size=batch)])]
+            lambda: [row.tolist() for row in choice_mod.loglikelihoods(
+                model, tokenizer, prompts, spec.choices, batch_size=batch, desc=f"{name} on {spec.name}")])]
         scored = metrics.score_choices(ll, [[len(t) for t in c.texts] for c in spec.choices],
                                        [c.gold for c in spec.choices], [c.labels for c in spec.choices])
         return ModelRun(answers=[r["parsed"] for r in scored.rows], scored=scored)
@@ -346,7 +347,8 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
         ppl = {"prompts": model_ppl_prompts, "answers": ppl_answers, "batch_size": min(4, cfg.eval.batch_size),
                "max_tokens": cfg.preprocess.max_tokens}
         nll, counts = outputs.get("answer_nll:test", ppl, lambda: [a.tolist() for a in answer_nll(
-            m, tok, model_ppl_prompts, ppl_answers, batch_size=ppl["batch_size"], max_tokens=ppl["max_tokens"])])
+            m, tok, model_ppl_prompts, ppl_answers, batch_size=ppl["batch_size"], max_tokens=ppl["max_tokens"],
+            desc=f"{name} perplexity")])
         own_run.nll, own_run.counts = np.asarray(nll), np.asarray(counts)
         sets = {"test": own_run, **{spec.name: answer_set(c, spec, m, tok, name, outputs=outputs) for spec in suites}}
         if outputs.reused:

@@ -57,12 +57,13 @@ def _environment() -> dict:
 def weights_identity(cfg: Config) -> dict:
     """The base model by content, and how evaluate loads it (4-bit for QLoRA, the training dtype); {} (nothing
     reused) when its files cannot be hashed: a name or a moving revision such as `main` is no identity."""
-    from medtune import lineage
+    from medtune import lineage, models
 
     base = lineage.base_model_record(cfg)
     if not base["sha256"]:
         return {}
-    return {"base": base["sha256"], "method": cfg.train.method, "dtype": cfg.train.dtype,
+    # the dtype it is loaded in, not the config's name for it: `auto` is bf16 on some CPUs and float32 on others
+    return {"base": base["sha256"], "method": cfg.train.method, "dtype": str(models.compute_dtype(cfg.train)),
             "quantization": cfg.train.quantization.model_dump()}
 
 

@@ -209,6 +209,7 @@ class RunView(io.TextIOBase):
         # kfp retries a failed task under the same name (the step's retry policy)
         step.attempt += step.status == "failed"
         step.status, step.started, step.ended = "running", time.monotonic(), None
+        step.figures = {}  # a sweep's trials are one task name run again: none shows the last trial's figures
         step.detail = f"retry {step.attempt - 1} after: {step.detail}" if step.attempt > 1 else ""
         self.current = task
         self._show(step)
