@@ -25,15 +25,11 @@ def run(config_json: str, run_id: str, sft_dir: str, sft_history_path: str, trai
     """DPO-tune the SFT result (preference.enabled) or pass it on. The history written is the SFT history
     followed by the preference stage's entries (keys prefixed `dpo_`), so the report shows both; the summary
     holds the pairs' counts and fingerprints and the held-out scores before and after."""
-    import mlflow
-
-    from medtune import preference as pref
-    from medtune import rows, runview, tags, tracking
-    from medtune.numeric import finite_values
+    from medtune import runview
 
     cfg = config_mod.from_json(config_json)
     Path(pairs_dir).mkdir(parents=True, exist_ok=True)
-    if not cfg.preference.enabled:
+    if not cfg.preference.enabled:  # before the training stack is imported: a pass-through takes seconds
         shutil.copytree(sft_dir, adapter_dir, dirs_exist_ok=True)
         shutil.copyfile(sft_history_path, history_path)
         summary = {"enabled": False, "reason": "preference.enabled is false: the SFT result went on unchanged"}
@@ -41,6 +37,12 @@ def run(config_json: str, run_id: str, sft_dir: str, sft_history_path: str, trai
             path.write_text(json.dumps(summary, indent=1))
         runview.emit(headline="off (preference.enabled is false)")
         return summary
+    import mlflow
+
+    from medtune import preference as pref
+    from medtune import rows, tags, tracking
+    from medtune.numeric import finite_values
+
     sft_history = json.loads(Path(sft_history_path).read_text())
     with tracking.step(cfg, run_id, SPEC.name):
         result, pairs = pref.run(cfg, Path(sft_dir), rows.read(Path(train_dir)), rows.read(Path(val_dir)),
