@@ -130,8 +130,8 @@ def loglikelihoods(model, tokenizer, prompts: list[str], choices: list[Choices],
             totals = {(b, k): float(first[b, c[0]]) for b, k, c in conts}
             for group in (conts[g:g + batch_size] for g in range(0, len(conts), batch_size)):
                 longer = [c for c in group if len(c[2]) > 1]  # a one-token choice is scored by `first` alone
-                for (b, k), tail in zip([(b, k) for b, k, _ in longer], _continuations(model, prompt.cache, mask,
-                                                                                     longer, tokenizer.pad_token_id)):
+                tails = _continuations(model, prompt.cache, mask, longer, tokenizer.pad_token_id)
+                for (b, k, _), tail in zip(longer, tails):
                     totals[(b, k)] += tail
             for b, i in enumerate(idx):
                 out[i] = np.array([totals[(b, k)] for k in range(len(choices[i].texts))])
