@@ -67,3 +67,29 @@ def test_qlora_loads_bitsandbytes_4bit_layers(tiny_model_dir, quant_type):
     # unquantized load of the same config (merged export) gives plain Linear layers in the compute dtype
     plain = models.load_model(cfg.model, cfg.train, quantize=False)
     assert not any(isinstance(m, Linear4bit) for m in plain.modules()) and plain.dtype == torch.float32
+
+
+@pytest.mark.parametrize("train, folded", [
+    ({"dtype": "float32"}, True),
+    ({"dtype": "bfloat16"}, False),  # bf16 weights would round much of the adapter's update away
+    ({"method": "qlora", "quantization": {"compute_dtype": "float32"}}, False),  # 4-bit: re-quantizing is lossy
+])
+def test_an_adapter_is_folded_into_float32_weights_for_inference(tiny_model_dir, tmp_path, train, folded):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                   LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+                   ).save_pretrained(tmp_path / "adapter")
+    cfg = _cfg(tiny_model_dir, **train)
+    loaded = models.load_trained(cfg.model, cfg.train, tmp_path / "adapter")
+    assert isinstance(loaded, PeftModel) is not folded
+    kept_apart = PeftModel.from_pretrained(models.load_model(cfg.model, cfg.train), str(tmp_path / "adapter"))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits.float()
+        expected = kept_apart(input_ids=ids).logits.float()
+        base = models.load_model(cfg.model, cfg.train)(input_ids=ids).logits.float()
+    assert (expected - base).abs().max() > 0.1  # the adapter changes the answers
+    assert (logits - expected).abs().max() < 1e-4

@@ -155,8 +155,8 @@ def test_output_is_one_servable_adapter_without_a_reference_copy(dpo_run, sft_ad
     sft_weights = load_file(sft_adapter / "adapter_model.safetensors")
     assert weights.keys() == sft_weights.keys()  # the SFT adapter continued, no second one added
     assert any(not torch.equal(weights[k], sft_weights[k]) for k in weights)
+    assert not any(p.is_dir() for p in result.adapter_dir.iterdir())  # PEFT saves a second adapter in a folder
     model = models.load_trained(cfg.model, cfg.train, result.adapter_dir)
-    assert list(model.peft_config) == ["default"]
     tokenizer = models.load_tokenizer(cfg.model, padding_side="left")
     assert len(generate(model, tokenizer, ["<|user|> what is asthma? <|end|> <|assistant|> "], 1, 4, "x")) == 1
 

@@ -299,8 +299,6 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     """Answer and score `test_rows` and every suite with the base model, the candidate (if an adapter is
     given), the SFT-only result it was preference-tuned from (`sft_dir`, if given) and the champion (if one is
     given); perplexity on `perplexity_rows` (default: the test rows' references)."""
-    from peft import PeftModel
-
     from medtune.preprocess import render_prompt
 
     items = questions(test_rows, cfg.eval.max_rows)
@@ -318,22 +316,7 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
     ppl_answers = perplexity_rows["answer"].astype(str).tolist()
     champion_info = dict(champion_info or {"available": False, "reason": "champion comparison not requested"})
 
-    model = models.load_model(cfg.model, cfg.train).to(models.device())
-    # A LoRA/QLoRA result shares the base model's weights; a whole one (train.method full or feature) is its own
-    # model. The champion is an adapter of the profile's base model or a full model (see medtune.champion).
     trained = {name: Path(path) for name, path in (("candidate", adapter_dir), ("sft", sft_dir)) if path is not None}
-    shared = {name: path for name, path in trained.items() if models.is_adapter_dir(path)}
-    shared_champion = champion is not None and models.is_adapter_dir(champion.adapter_dir)
-    if shared_champion:
-        shared["champion"] = champion.adapter_dir
-    for name, path in shared.items():
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(path), adapter_name=name)
-        else:
-            model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
-    adapters = list(shared)
-    model.config.use_cache = True
-
     base_identity = reuse.weights_identity(cfg) if reuse.store_dir(cfg) else {}
     weights = {"base model": None, **trained, "champion": champion.adapter_dir if champion else None}
     reused: dict[str, list[str]] = {}
@@ -357,21 +340,17 @@ def evaluate(cfg: Config, test_rows: pd.DataFrame, adapter_dir: Path | None,
                      ", ".join(outputs.reused))
         return sets
 
-    runs: dict[str, dict[str, ModelRun]] = {}
+    # One model in memory at a time, each loaded as it is served (models.load_trained: an adapter on float32
+    # weights folded into them). The champion is an adapter of the profile's base model or a full model.
     prompts = items["prompt"].tolist()
-    if adapters:
-        with model.disable_adapter():
-            runs["base"] = run("base model", model, tokenizer, prompts, ppl_prompts)
-        for name in adapters:
-            model.set_adapter(name)
-            runs[name] = run(name, model, tokenizer, prompts, ppl_prompts)
-    else:
-        runs["base"] = run("base model", model, tokenizer, prompts, ppl_prompts)
-    del model
+    runs = {"base": run("base model", models.load_model(cfg.model, cfg.train).to(models.device()), tokenizer,
+                        prompts, ppl_prompts)}
     for name, path in trained.items():
-        if name not in shared:
-            runs[name] = run(name, models.load_trained(cfg.model, cfg.train, path), tokenizer, prompts, ppl_prompts)
-    if champion is not None and not shared_champion:
+        runs[name] = run(name, models.load_trained(cfg.model, cfg.train, path), tokenizer, prompts, ppl_prompts)
+    if champion is not None and models.is_adapter_dir(champion.adapter_dir):
+        runs["champion"] = run("champion", models.load_trained(cfg.model, cfg.train, champion.adapter_dir),
+                               tokenizer, prompts, ppl_prompts)
+    elif champion is not None:
         runs_champion = _separate_champion(cfg, champion, items, perplexity_rows, run)
         if runs_champion is None:
             champion_info["reason"] = f"champion {champion.name} version {champion.version} could not be loaded"

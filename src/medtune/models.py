@@ -214,11 +214,18 @@ def save_result(model, tokenizer, directory: str | Path) -> None:
 
 
 def load_trained(cfg: ModelConfig, train: TrainConfig, trained_dir: str | Path):
-    """What `train` produced, ready for inference: base + adapter (lora/qlora) or the full model (method=full)."""
+    """What `train` produced, ready for inference: base + adapter (lora/qlora) or the full model (method=full).
+
+    An adapter on float32 weights is folded into them: one matmul per layer instead of three (and no per-layer
+    adapter bookkeeping) answered MMLU's 172 questions in 46 s instead of 68 s on 2 CPU cores, with the same
+    answers. In bf16 or 4-bit the sum would round away much of the adapter's small update, so there base and
+    adapter stay apart, as trained."""
     if is_adapter_dir(trained_dir):
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(cfg, train).to(device()), str(trained_dir))
+        model = PeftModel.from_pretrained(load_model(cfg, train).to(device()), str(trained_dir))
+        exact = all(p.dtype == torch.float32 for p in model.parameters())  # 4-bit weights are stored as uint8
+        return model.merge_and_unload() if exact else model
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(trained_dir), dtype=resolve_dtype(train.dtype)).to(device())
