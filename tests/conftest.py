@@ -130,13 +130,16 @@ def medtune_run(tree: dict, tmp_path: Path, timeout: int = 1500):
 
     profile = tmp_path / "profile.yaml"
     profile.write_text(yaml.safe_dump(tree))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    scratch = tmp_path / "tmp"  # the steps' temporary folders (TMPDIR), to see that none is left behind
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"TMPDIR": str(scratch)}
     with tracking.local_server(tmp_path / "mlflow") as uri:
         proc = subprocess.run([str(Path(sys.executable).parent / "medtune"), "run", "--config", str(profile),
                                "--json", "--output-dir", str(tmp_path / "run"), "--set",
                                f"tracking.tracking_uri={uri}"],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        assert not list(scratch.glob("medtune-*")), "a step left its work folder (checkpoints) behind"
         yield profile, uri, json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
 
 

@@ -87,9 +87,10 @@ def finish(config: str, run_id: str, sft_adapter: Input[Model], sft_history: Inp
     from medtune.numeric import finite_values
     from medtune.steps import finish as step
 
-    table = step.run(config, run_id, sft_adapter.path, sft_history.path, checkpoint.path, trials_in.path,
-                     train_split.path, validation_split.path, adapter.path, history.path, trials.path,
-                     work_dir=tempfile.mkdtemp(prefix="medtune-finish-"))
+    # gone when the step ends: checkpoints (tens of MB) would otherwise pile up in /tmp run after run locally
+    with tempfile.TemporaryDirectory(prefix="medtune-finish-") as work:
+        table = step.run(config, run_id, sft_adapter.path, sft_history.path, checkpoint.path, trials_in.path,
+                         train_split.path, validation_split.path, adapter.path, history.path, trials.path, work)
     winner = next(t for t in table["trials"] if t["winner"])
     trials.metadata.update(winner=winner["index"], n=len(table["trials"]))
     for key, value in finite_values((winner.get("finished") or winner)["metrics"]).items():

@@ -100,9 +100,11 @@ def preference(config: str, run_id: str, sft_adapter: Input[Model], sft_history:
     from medtune.numeric import finite_values
     from medtune.steps import preference as step
 
-    result = step.run(config, run_id, sft_adapter.path, sft_history.path, train_split.path, validation_split.path,
-                      test_split.path, adapter.path, history.path, pairs.path, summary.path,
-                      work_dir=tempfile.mkdtemp(prefix="medtune-preference-"))
+    # gone when the step ends: checkpoints (tens of MB) would otherwise pile up in /tmp run after run locally
+    with tempfile.TemporaryDirectory(prefix="medtune-preference-") as work:
+        result = step.run(config, run_id, sft_adapter.path, sft_history.path, train_split.path,
+                          validation_split.path, test_split.path, adapter.path, history.path, pairs.path,
+                          summary.path, work_dir=work)
     summary.metadata.update(enabled=result["enabled"])
     for key, value in finite_values(result.get("metrics")).items():
         metrics.log_metric(key.replace("/", "_"), value)

@@ -154,9 +154,11 @@ def train(config: str, trial: dict, train_split: Input[Dataset], validation_spli
 
     from medtune.steps import train as step
 
-    result = step.run(config, trial["run_id"], train_split.path, validation_split.path, adapter.path, history.path,
-                      work_dir=tempfile.mkdtemp(prefix="medtune-train-"), trial=trial, outcome_path=outcome.path,
-                      checkpoint_out=checkpoint.path)
+    # gone when the step ends: checkpoints (tens of MB) would otherwise pile up in /tmp run after run locally
+    with tempfile.TemporaryDirectory(prefix="medtune-train-") as work:
+        result = step.run(config, trial["run_id"], train_split.path, validation_split.path, adapter.path,
+                          history.path, work_dir=work, trial=trial, outcome_path=outcome.path,
+                          checkpoint_out=checkpoint.path)
     outcome.metadata.update(status=result["status"], index=result["index"])
     for key, value in result["metrics"].items():
         metrics.log_metric(key, value)
