@@ -161,10 +161,14 @@ def test_three_models_are_scored_on_the_same_questions(three_models, test_rows):
     assert comp["perplexity_split"] == "validation"
 
 
-def test_cli_scores_a_closed_form_dataset_and_reports_unparseable_answers(tiny_model_dir, adapters, tmp_path):
+def test_cli_scores_a_closed_form_dataset_and_reports_unparseable_answers(tiny_model_dir, adapters, tmp_path,
+                                                                          monkeypatch):
     from typer.testing import CliRunner
 
     from medtune.cli import app
+
+    # no server to ask for a champion: mlflow.set_tracking_uri in an earlier test of this process exports one
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     data = tmp_path / "pubmedqa-like.csv"
     pd.DataFrame({

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -31,9 +32,9 @@ def library_noise_off() -> None:
         os.environ.setdefault(variable, "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights": a second per model, hundreds of lines per run
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    # "Loading weights" bars (a second per model, hundreds of lines per run): transformers reads the variable above
+    # when it is imported; only an already imported one is told. Importing it here would cost every step that
+    # never loads a model (gate, register, audit...) over a second.
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
