@@ -216,10 +216,9 @@ def save_result(model, tokenizer, directory: str | Path) -> None:
 def load_trained(cfg: ModelConfig, train: TrainConfig, trained_dir: str | Path):
     """What `train` produced, ready for inference: base + adapter (lora/qlora) or the full model (method=full).
 
-    An adapter on float32 weights is folded into them: one matmul per layer instead of three (and no per-layer
-    adapter bookkeeping) answered MMLU's 172 questions in 46 s instead of 68 s on 2 CPU cores, with the same
-    answers. In bf16 or 4-bit the sum would round away much of the adapter's small update, so there base and
-    adapter stay apart, as trained."""
+    An adapter on float32 weights is folded into them: one matmul per layer instead of three scored and answered
+    the shipped suites 1.19x as fast on 2 CPU cores, with the same answers (benchmarks/RESULTS.md). In bf16 or
+    4-bit the sum would round away much of the adapter's small update, so there base and adapter stay apart."""
     if is_adapter_dir(trained_dir):
         from peft import PeftModel
 
